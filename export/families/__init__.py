@@ -1,0 +1,13 @@
+"""Model families, one module each. A family module provides:
+
+    NAME, DEFAULT_MODEL, SYNTHETIC        name, default checkpoint, built-in random-weight builders
+    read_config(path) -> config           checks the checkpoint is of this family (cheap, no weights)
+    method_spec(config, keep) -> MethodSpec
+    load(path) -> (model, processor)      fp32, eval mode
+    graphs(model, method) -> [GraphExport]
+    decoder(model) -> (decoder, lm_head)  the LLM parts (embedding table, dims)
+"""
+
+from export.families import llava15
+
+FAMILIES = {llava15.NAME: llava15}

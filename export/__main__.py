@@ -1,0 +1,63 @@
+"""python -m export FAMILY --keep K [--model M] [--out DIR] ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runtime.errors import UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    from export.families import FAMILIES  # light: no torch at import time
+
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a vision-language model with FasterVLM visual-token pruning as ONNX graphs "
+        "(vision encoder + top-k, gather + projector, LLM with KV cache) plus a manifest.",
+        epilog="example: python -m export llava15 --keep 32 --model tiny",
+    )
+    p.add_argument("family", help=f"model family: {', '.join(sorted(FAMILIES))}")
+    p.add_argument("--keep", type=int, required=True, metavar="K",
+                   help="visual tokens kept per image (LLaVA-1.5: 1..576; 576 = no pruning; the paper uses 144/58/29)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint: a local HF directory, an HF id already in the local cache, 'tiny' "
+                   "(built-in random-weight model, offline) or 'bench' (larger random model); default: the family's "
+                   "reference checkpoint (llava15: llava-hf/llava-1.5-7b-hf)")
+    p.add_argument("--out", type=Path, default=None, help="export directory (default: exports/FAMILY-kK)")
+    p.add_argument("--force", action="store_true", help="replace the export directory if it exists")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip checking each graph against PyTorch (ONNX Runtime on random inputs)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (17-23; 17-20 for TensorRT; default 18)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + answer the export is meant for (default: the LLM's max positions)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from export.api import run
+        from export.spec import ExportOptions
+
+        options = ExportOptions(
+            family=args.family, keep=args.keep, model=args.model, out=args.out, force=args.force,
+            validate=args.validate, opset=args.opset, max_seq_len=args.max_seq_len,
+        )
+        out = run(options)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""`run(options)`: checkpoint -> export directory (graphs, embeddings, tokenizer, manifest), atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export import checkpoints, llm, onnx_io
+from export.families import FAMILIES
+from export.processor import preprocess_spec
+from export.spec import ExportOptions
+from runtime.errors import ExportError
+from runtime.manifest import LLMSpec, Manifest, PromptSpec, TOOLKIT_VERSION
+
+TOKENIZER_FILE = "tokenizer.json"
+EMBEDDINGS_FILE = "embed_tokens.npy"
+
+
+class Progress:
+    """Prints each long step with the elapsed time, to stderr (stdout stays for results)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.start = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {text}", file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, text: str):
+        began = time.perf_counter()
+        self.say(f"{text} ...")
+        yield
+        self.say(f"{text}: done in {time.perf_counter() - began:.1f}s")
+
+
+def run(options: ExportOptions, progress: Progress | None = None) -> Path:
+    """Export `options.family` with FasterVLM at `options.keep`; returns the export directory."""
+    progress = progress or Progress()
+    if options.family not in FAMILIES:
+        raise ExportError(f"unknown family {options.family!r}; choose one of {sorted(FAMILIES)}")
+    family = FAMILIES[options.family]
+    out = options.out_dir()
+    if out.exists() and not options.force:
+        raise ExportError(f"output directory {str(out)!r} already exists; pass --force to replace it")
+    model_name = options.model or family.DEFAULT_MODEL
+
+    with progress.step(f"resolving checkpoint {model_name!r}"):
+        path = checkpoints.resolve(model_name, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}")
+    config = family.read_config(path)
+    method = family.method_spec(config, options.keep)
+    with progress.step(f"loading {path}"):
+        model, processor = family.load(path)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write(tmp, family, model, processor, method, options, model_name, progress)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress.say(f"wrote {out}")
+    return out
+
+
+def _write(directory: Path, family, model, processor, method, options: ExportOptions, model_name: str,
+           progress: Progress) -> None:
+    import torch
+    import transformers
+
+    specs = {}
+    all_checks = []
+    for graph in family.graphs(model, method):
+        with progress.step(f"exporting {graph.name} graph"):
+            specs[graph.name] = onnx_io.export_graph(graph, directory, options.opset)
+        if options.validate:
+            with progress.step(f"validating {graph.name} graph against PyTorch"):
+                checks = onnx_io.validate(graph, directory, specs[graph.name])
+            all_checks += checks
+    if options.validate:
+        print(onnx_io.format_checks(all_checks), file=progress.stream, flush=True)
+        failed = [c for c in all_checks if not c.ok]
+        if failed:
+            c = failed[0]
+            raise ExportError(
+                f"validation failed: {c.graph} output {c.output!r} differs from PyTorch by {c.max_diff:.3g} "
+                f"({c.limit}) on input {c.case}; nothing was written"
+            )
+
+    text_decoder, lm_head = family.decoder(model)
+    _, dims = llm.llm_spec(text_decoder, lm_head, specs["llm"].file)
+    np.save(directory / EMBEDDINGS_FILE, text_decoder.embed_tokens.weight.detach().float().numpy())
+    prompt = _save_tokenizer(processor, directory)
+    text_config = model.config.get_text_config()
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = text_config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos_ids[0]
+    max_seq_len = options.max_seq_len or text_config.max_position_embeddings
+    manifest = Manifest(
+        family=family.NAME,
+        method=method,
+        preprocess=preprocess_spec(processor.image_processor),
+        prompt=prompt,
+        llm=LLMSpec(**dims, max_seq_len=max_seq_len, embeddings=EMBEDDINGS_FILE, eos_token_ids=eos_ids,
+                    pad_token_id=int(pad)),
+        graphs=specs,
+        source={
+            "model": model_name,
+            "opset": options.opset,
+            "dtype": "float32",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    )
+    manifest.write(directory)
+
+
+def _save_tokenizer(processor, directory: Path) -> PromptSpec:
+    tokenizer = processor.tokenizer
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        source = Path(scratch) / TOKENIZER_FILE
+        if not source.is_file():
+            raise ExportError(f"tokenizer {type(tokenizer).__name__} has no fast-tokenizer file {TOKENIZER_FILE}")
+        shutil.copyfile(source, directory / TOKENIZER_FILE)
+    template = processor.chat_template or tokenizer.chat_template
+    if not template:
+        raise ExportError("the checkpoint's processor has no chat template; the runtime needs one to build prompts")
+    image_token = processor.image_token
+    return PromptSpec(
+        tokenizer=TOKENIZER_FILE,
+        chat_template=template,
+        image_token=image_token,
+        image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)),
+        special_tokens={k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+    )
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move `new` to `out`; an existing `out` (allowed by --force) is removed only after the move."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, trash / out.name)
+    os.rename(new, out)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Finding a checkpoint: a local directory, a Hugging Face id already in the local cache, or a built-in
+synthetic model (`tiny`, `bench`) that is built once, saved with `save_pretrained` and then loaded back
+exactly like a real checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from runtime.errors import ExportError
+
+CACHE_DIR = Path(os.environ.get("PRUNEVLM_CACHE", Path.home() / ".cache" / "prunevlm"))
+
+
+def resolve(model: str, synthetic: dict[str, Callable[[Path], None]], key: str) -> Path:
+    """Directory holding the checkpoint `model` (see module doc). `synthetic` maps built-in names to
+    builders that write a checkpoint into a directory; `key` versions their cache entries."""
+    if model in synthetic:
+        return _synthetic(model, synthetic[model], key)
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ExportError(f"--model {model!r} is not a directory (expected a Hugging Face checkpoint directory)")
+        if not (path / "config.json").is_file():
+            raise ExportError(f"--model {model!r} has no config.json: not a Hugging Face checkpoint directory")
+        return path
+    return _from_hub_cache(model, sorted(synthetic))
+
+
+def _from_hub_cache(model_id: str, builtins: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except HFValidationError:
+        raise ExportError(f"--model {model_id!r} is neither a directory nor a valid Hugging Face model id") from None
+    except LocalEntryNotFoundError:
+        pass
+    if not offline:
+        try:
+            return Path(snapshot_download(model_id))
+        except Exception as exc:  # network errors come in many types; all mean "not available"
+            reason = f"download failed: {type(exc).__name__}"
+        else:  # pragma: no cover
+            raise AssertionError("unreachable")
+    else:
+        reason = "HF_HUB_OFFLINE is set"
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    raise ExportError(
+        f"model {model_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and {reason}; "
+        f"pass a local checkpoint directory, or --model {' / '.join(builtins)} for a built-in random-weight model"
+    )
+
+
+def _synthetic(name: str, build: Callable[[Path], None], key: str) -> Path:
+    target = CACHE_DIR / f"{key}-{name}"
+    if (target / "config.json").is_file():
+        return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=CACHE_DIR))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

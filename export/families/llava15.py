@@ -1,0 +1,286 @@
+"""LLaVA-1.5 (HF `LlavaForConditionalGeneration`: CLIP ViT + 2-layer MLP projector + Llama-style LLM)
+with FasterVLM's [CLS]-attention pruning.
+
+Graphs:
+    vision     pixel_values [B, 3, H, W] -> image_features [B, N, C]  (hidden_states[feature_layer], [CLS] dropped)
+                                            keep_indices  [B, K]      (FasterVLM top-k, sorted ascending)
+    projector  image_features, keep_indices -> image_embeds [B, K, D] (gather, then the checkpoint's projector)
+    llm        see export/llm.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export import llm, pruning, synthetic
+from export.graph import GraphExport, Tolerance
+from runtime.errors import ExportError
+from runtime.manifest import BATCH, GraphSpec, MethodSpec, TensorSpec
+
+NAME = "llava15"
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+IMAGE_TOKEN = "<image>"
+
+# The chat template that llava-hf's LLaVA-1.5 processors ship: "USER: <image>\n{text} ASSISTANT:".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+# --- built-in random-weight checkpoints -------------------------------------------------------------
+
+def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) -> None:
+    """A LLaVA-1.5-shaped checkpoint with random weights: CLIP 336/14 (576 patches + [CLS], feature layer
+    -2), a Llama LLM with grouped-query attention, SmolLM2's real tokenizer, the LLaVA-1.5 chat template."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = synthetic.smollm2_tokenizer([IMAGE_TOKEN])
+    tokenizer.padding_side = "left"
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision_config = CLIPVisionConfig(image_size=336, patch_size=14, hidden_act="quick_gelu", **vision)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=4096,
+        **text,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=576,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    synthetic.sharpen_attention(model.model.vision_tower.encoder.layers, factor=8.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(directory)
+
+
+def build_tiny(directory: Path) -> None:
+    """Small enough for tests: a few seconds to export, a few MB of weights besides the vocabulary."""
+    _build_synthetic(
+        directory,
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+        seed=0,
+    )
+
+
+def build_bench(directory: Path) -> None:
+    """Benchmark size: LLaVA-1.5's token counts and roughly its LLM:vision compute ratio (~25:1),
+    small enough that one full prefill takes a few seconds on a 2-core CPU."""
+    _build_synthetic(
+        directory,
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8),
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=16),
+        seed=0,
+    )
+
+
+SYNTHETIC = {"tiny": build_tiny, "bench": build_bench}
+
+
+# --- graphs --------------------------------------------------------------------------------------------
+
+def _feature_layer(config) -> int:
+    """HF's vision_feature_layer as a non-negative hidden_states index (0 = embeddings)."""
+    layer = config.vision_feature_layer
+    num_layers = config.vision_config.num_hidden_layers
+    if not isinstance(layer, int):
+        raise ExportError(
+            f"vision_feature_layer={layer!r}: FasterVLM needs one feature layer (an int); "
+            "checkpoints that concatenate several layers are not supported"
+        )
+    index = layer + num_layers + 1 if layer < 0 else layer
+    if not 1 <= index <= num_layers:
+        raise ExportError(f"vision_feature_layer={layer} is out of range for a {num_layers}-layer vision encoder")
+    return index
+
+
+class VisionGraph(nn.Module):
+    """CLIP up to the feature layer, plus FasterVLM's top-k from that layer's own [CLS] attention row.
+
+        pixel_values -> embeddings -> pre_layrnorm -> layers[0 .. f-2] -> h ---------> layers[f-1] -> [:, 1:]
+                                                                          |                           -> image_features
+                                                                          +-> ln1 -> q_cls, K -> score -> topk, sort
+                                                                                                      -> keep_indices
+    Layers after the feature layer are never computed.
+    """
+
+    def __init__(self, tower: nn.Module, feature_layer: int, keep: int):
+        super().__init__()
+        self.tower = tower
+        self.layers = tower.encoder.layers[:feature_layer]
+        self.keep = keep
+
+    def cls_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """FasterVLM's score from the hidden states entering the last kept layer. [B, 1+N, C] -> [B, N]."""
+        layer = self.layers[-1]
+        attn = layer.self_attn
+        batch, tokens, _ = hidden.shape
+        x = layer.layer_norm1(hidden)  # [B, 1+N, C]
+        q_cls = attn.q_proj(x[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+        keys = attn.k_proj(x).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1+N, Dh]
+        return pruning.cls_attention_scores(q_cls, keys, attn.scale)
+
+    def forward(self, pixel_values: torch.Tensor):
+        hidden = self.tower.embeddings(pixel_values)  # [B, 1+N, C]
+        hidden = self.tower.pre_layrnorm(hidden)
+        for layer in self.layers[:-1]:
+            hidden = layer(hidden, None)
+        scores = self.cls_scores(hidden)  # [B, N]
+        hidden = self.layers[-1](hidden, None)
+        image_features = hidden[:, 1:]  # [B, N, C]
+        keep_indices = pruning.topk_sorted(scores, self.keep)  # [B, K]
+        return image_features, keep_indices
+
+
+class ProjectorGraph(nn.Module):
+    """Gather the kept tokens, then the checkpoint's projector (token-wise, so gather-then-project equals
+    FasterVLM's project-then-mask, at K/N of the cost)."""
+
+    def __init__(self, projector: nn.Module):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, image_features: torch.Tensor, keep_indices: torch.Tensor) -> torch.Tensor:
+        kept = pruning.gather_tokens(image_features, keep_indices)  # [B, K, C]
+        return self.projector(kept)  # [B, K, D]
+
+
+def read_config(path: Path):
+    """The checkpoint's LlavaConfig, after checking FasterVLM can be applied to it (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"cannot read the checkpoint config in {path}: {str(exc).splitlines()[0]}") from None
+    if config.model_type != "llava":
+        raise ExportError(f"{path} holds a {config.model_type!r} model; family {NAME!r} needs model_type 'llava'")
+    if config.vision_config.model_type != "clip_vision_model":
+        raise ExportError(
+            f"{path} has a {config.vision_config.model_type!r} vision tower; FasterVLM needs a [CLS] token "
+            "(a CLIP vision tower)"
+        )
+    if config.vision_feature_select_strategy != "default":
+        raise ExportError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} is not supported; "
+            "FasterVLM ranks the patch tokens of the 'default' strategy ([CLS] dropped)"
+        )
+    _feature_layer(config)
+    return config
+
+
+def load(path: Path):
+    """Model (fp32, eval, SDPA attention) and processor from a checkpoint directory."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ExportError(f"cannot load the checkpoint in {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), processor
+
+
+def decoder(model):
+    """The LLM's decoder (embed_tokens, layers, norm, rotary_emb) and its lm_head."""
+    return model.model.language_model, model.lm_head
+
+
+def method_spec(config, keep: int) -> MethodSpec:
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    num_patches = side * side
+    if not 1 <= keep <= num_patches:
+        raise ExportError(f"--keep {keep} is out of range: this model has {num_patches} patch tokens, use 1..{num_patches}")
+    return MethodSpec(
+        name="fastervlm" if keep < num_patches else "none",
+        keep=keep,
+        num_patches=num_patches,
+        grid=(side, side),
+        feature_layer=config.vision_feature_layer,
+        score_layer=_feature_layer(config) - 1,
+    )
+
+
+def graphs(model, method: MethodSpec) -> list[GraphExport]:
+    vc = model.config.vision_config
+    tower = model.model.vision_tower
+    feature = _feature_layer(model.config)
+    n, k, c = method.num_patches, method.keep, vc.hidden_size
+    d = model.config.text_config.hidden_size
+    vision_spec = GraphSpec(
+        file="vision.onnx",
+        inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, vc.image_size, vc.image_size)),),
+        outputs=(
+            TensorSpec("image_features", "float32", (BATCH, n, c)),
+            TensorSpec("keep_indices", "int64", (BATCH, k)),
+        ),
+    )
+    projector_spec = GraphSpec(
+        file="projector.onnx",
+        inputs=(TensorSpec("image_features", "float32", (BATCH, n, c)), TensorSpec("keep_indices", "int64", (BATCH, k))),
+        outputs=(TensorSpec("image_embeds", "float32", (BATCH, k, d)),),
+    )
+
+    def vision_example(seed: int) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        return {"pixel_values": torch.randn(2, 3, vc.image_size, vc.image_size, generator=gen)}
+
+    def projector_example(seed: int) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        indices = torch.stack([torch.randperm(n, generator=gen)[:k].sort().values for _ in range(2)])
+        return {"image_features": torch.randn(2, n, c, generator=gen), "keep_indices": indices}
+
+    text_decoder, lm_head = decoder(model)
+    llm_graph_spec, _ = llm.llm_spec(text_decoder, lm_head, "llm.onnx")
+    return [
+        GraphExport(
+            "vision", VisionGraph(tower, feature, k).eval(), vision_spec, vision_example,
+            tolerances={"image_features": Tolerance(1e-4, 1e-4)}, set_outputs=("keep_indices",),
+        ),
+        GraphExport(
+            "projector", ProjectorGraph(model.model.multi_modal_projector).eval(), projector_spec,
+            projector_example, tolerances={"image_embeds": Tolerance(1e-4, 1e-4)},
+        ),
+        llm.graph_export(text_decoder, lm_head, llm_graph_spec),
+    ]

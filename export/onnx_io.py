@@ -1,0 +1,167 @@
+"""torch.onnx.export (dynamo) wrapper, and the self-check of every exported graph against PyTorch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.graph import GraphExport
+from runtime.backends.onnxruntime import OrtRunner
+from runtime.errors import ExportError
+from runtime.manifest import GraphSpec
+
+
+def export_graph(graph: GraphExport, directory: Path, opset: int) -> GraphSpec:
+    """Export `graph.module` to `directory/graph.spec.file` (+ `.data`); returns the spec with file sizes.
+
+    Every named axis of the spec is exported dynamic (torch.export infers the relations between them,
+    e.g. total = past + sequence) and then renamed in the ONNX graph to the spec's axis name.
+    """
+    import onnx
+
+    spec = graph.spec
+    feeds = graph.example(0)
+    args = tuple(feeds[t.name] for t in spec.inputs)
+    dynamic = [{i: torch.export.Dim.AUTO for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs]
+    dynamic_shapes = _nest_like_forward(graph.module, dynamic)
+    path = directory / spec.file
+    with torch.no_grad(), _quiet():
+        torch.onnx.export(
+            graph.module,
+            args,
+            os.fspath(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            external_data=True,
+            optimize=True,
+        )
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    _name_axes(model, spec)
+    onnx.save(model, os.fspath(path))
+    files = [spec.file] + ([spec.file + ".data"] if (directory / (spec.file + ".data")).exists() else [])
+    return replace(spec, sizes={f: (directory / f).stat().st_size for f in files})
+
+
+def _nest_like_forward(module, dynamic: list[dict]) -> tuple:
+    """torch.export wants `*args` of forward given as one nested tuple."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        n = len(positional)
+        return (*dynamic[:n], tuple(dynamic[n:]))
+    return tuple(dynamic)
+
+
+def _name_axes(model, spec: GraphSpec) -> None:
+    """Give the graph's inputs and outputs the spec's axis names; fail if an axis came out static."""
+    values = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for t in list(spec.inputs) + list(spec.outputs):
+        if t.name not in values:
+            raise ExportError(f"exported {spec.file} has no tensor {t.name!r}")
+        dims = values[t.name].type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise ExportError(f"exported {spec.file}: {t.name!r} has rank {len(dims)}, expected {len(t.shape)}")
+        for dim, want in zip(dims, t.shape):
+            if isinstance(want, str):
+                if dim.HasField("dim_value") and t in spec.inputs:
+                    raise ExportError(f"exported {spec.file}: axis {want!r} of {t.name!r} came out static ({dim.dim_value})")
+                dim.dim_param = want
+            elif dim.HasField("dim_value") and dim.dim_value != want:
+                raise ExportError(f"exported {spec.file}: {t.name!r} has size {dim.dim_value}, expected {want}")
+            else:
+                dim.dim_value = want
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings meant for its own developers; keep the user's console clean."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+@dataclass(frozen=True)
+class Check:
+    graph: str
+    case: str
+    output: str
+    shape: tuple
+    max_diff: float  # max |onnx - torch| (for set outputs: number of rows whose sets differ)
+    limit: str
+    ok: bool
+
+
+def validate(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(1, 2)) -> list[Check]:
+    """ONNX Runtime against PyTorch on fresh random inputs: output names, shapes, values within the
+    graph's tolerances, selected index sets identical."""
+    checks: list[Check] = []
+    with OrtRunner(directory, spec, providers=["CPUExecutionProvider"]) as runner:
+        for seed in seeds:
+            feeds = graph.example(seed)
+            case = "x".join(str(s) for s in feeds[spec.inputs[0].name].shape)
+            with torch.no_grad():
+                expected = graph.module(*(feeds[t.name] for t in spec.inputs))
+            if isinstance(expected, torch.Tensor):
+                expected = (expected,)
+            expected = dict(zip([t.name for t in spec.outputs], (e.numpy() for e in expected)))
+            got = runner.infer({k: v.numpy() for k, v in feeds.items()})
+            if set(got) != set(expected):
+                raise ExportError(f"{spec.file}: outputs {sorted(got)} differ from {sorted(expected)}")
+            for name, ref in expected.items():
+                checks.append(_compare(graph, case, name, got[name], ref))
+    return checks
+
+
+def _compare(graph: GraphExport, case: str, name: str, got: np.ndarray, ref: np.ndarray) -> Check:
+    if got.shape != ref.shape:
+        return Check(graph.name, case, name, got.shape, float("inf"), f"shape {ref.shape}", False)
+    if name in graph.set_outputs:
+        rows = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+        bad = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(*rows))
+        return Check(graph.name, case, name, got.shape, float(bad), "same sets", bad == 0)
+    diff = float(np.abs(got.astype(np.float64) - ref).max()) if got.size else 0.0
+    tol = graph.tolerances.get(name)
+    if tol is None:
+        return Check(graph.name, case, name, got.shape, diff, "exact", diff == 0.0)
+    ok = bool(np.allclose(got, ref, atol=tol.atol, rtol=tol.rtol))
+    return Check(graph.name, case, name, got.shape, diff, f"atol {tol.atol:g} rtol {tol.rtol:g}", ok)
+
+
+def format_checks(checks: list[Check]) -> str:
+    """A short table: one row per graph and output, worst case over the validation inputs."""
+    worst: dict[tuple[str, str], Check] = {}
+    for c in checks:
+        key = (c.graph, c.output)
+        if key not in worst or (not c.ok, c.max_diff) > (not worst[key].ok, worst[key].max_diff):
+            worst[key] = c
+    rows = [("graph", "output", "max |onnx-torch|", "tolerance", "result")]
+    outputs = [k for k in worst if not k[1].startswith("present.")]
+    presents = [worst[k] for k in worst if k[1].startswith("present.")]
+    for key in outputs:
+        c = worst[key]
+        rows.append((c.graph, c.output, f"{c.max_diff:.2e}" if c.limit != "same sets" else f"{int(c.max_diff)} rows differ",
+                     c.limit, "ok" if c.ok else "FAIL"))
+    if presents:
+        c = max(presents, key=lambda p: (not p.ok, p.max_diff))
+        rows.append((c.graph, f"present.* ({len(presents)})", f"{c.max_diff:.2e}", c.limit,
+                     "ok" if all(p.ok for p in presents) else "FAIL"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)

