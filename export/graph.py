@@ -12,6 +12,9 @@ from runtime.manifest import GraphSpec
 
 @dataclass(frozen=True)
 class Tolerance:
+    """An output passes when max|onnx - torch| <= atol + rtol * max|torch| (whole tensor: fp32 rounding
+    grows with the tensor's magnitude, not with each element's)."""
+
     atol: float
     rtol: float = 0.0
 

@@ -49,7 +49,7 @@ def preprocess_spec(image_processor: object) -> dict[str, Any]:
     for method in _PIPELINE_METHODS:
         function = getattr(type(image_processor), method)
         if function is not getattr(PilBackend, method) and function not in _EQUIVALENT_OVERRIDES:
-            raise ExportError(f"image processor {name} overrides {method}; only the CLIP-style pipeline is reproduced")
+            raise ExportError(f"image processor {name} overrides {method}; only PilBackend's pipeline is reproduced")
     options = vars(image_processor)
     if options.get("do_pad"):
         raise ExportError(f"image processor {name} has do_pad=True (padding); the runtime reproduces no padding")
@@ -69,13 +69,18 @@ def preprocess_spec(image_processor: object) -> dict[str, Any]:
     if spec["do_resize"]:
         if set(spec["size"] or ()) not in _SIZE_FORMS:
             raise ExportError(
-                f"image processor {name} has size {spec['size']}; only {{shortest_edge}} or {{height, width}} is reproduced"
+                f"image processor {name} has size {spec['size']}; "
+                "only {shortest_edge} or {height, width} is reproduced"
             )
         if not isinstance(spec["resample"], int):
-            raise ExportError(f"image processor {name} has resample {spec['resample']!r}; a PIL resampling code is needed")
+            raise ExportError(
+                f"image processor {name} has resample {spec['resample']!r}; a PIL resampling code is needed"
+            )
         spec["resample"] = int(spec["resample"])  # PILImageResampling is an IntEnum: store the plain code
     if spec["do_center_crop"] and set(spec["crop_size"] or ()) != {"height", "width"}:
-        raise ExportError(f"image processor {name} has crop_size {spec['crop_size']}; only {{height, width}} is reproduced")
+        raise ExportError(
+            f"image processor {name} has crop_size {spec['crop_size']}; only {{height, width}} is reproduced"
+        )
     if spec["do_normalize"] and not len(spec["image_mean"] or ()) == len(spec["image_std"] or ()) == 3:
         raise ExportError(
             f"image processor {name} has image_mean {spec['image_mean']} and image_std {spec['image_std']}; "

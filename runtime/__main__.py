@@ -1,0 +1,95 @@
+"""python -m runtime EXPORT_DIR --image PATH --prompt TEXT: answer a question about an image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.errors import UserError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime",
+        description="Run an export directory (python -m export ...) on an image and a prompt with ONNX Runtime. "
+        "Prints the answer as it is generated, then per-stage timings.",
+        epilog='example: python -m runtime exports/llava15-k32 --image cat.jpg --prompt "What is in the picture?"',
+    )
+    p.add_argument("export_dir", type=Path, help="directory written by python -m export")
+    p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...); grayscale/RGBA are converted to RGB")
+    p.add_argument("--prompt", required=True, help="question or instruction about the image")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for --sample")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (answer, kept indices, timings)")
+    p.add_argument("--save-kept", type=Path, default=None, metavar="PNG",
+                   help="save the image as the model saw it, with the kept patches outlined and the rest dimmed")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.export_dir, threads=args.threads)
+    stream = None if args.json else (lambda row, piece: print(piece, end="", flush=True))
+    result = pipe.generate(
+        args.image, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_text=stream,
+    )
+    if args.save_kept is not None:
+        from runtime.preprocess import load_image, preprocess
+        from runtime.visualize import save_kept
+
+        pixels = preprocess([load_image(args.image)], pipe.manifest.preprocess)[0]
+        save_kept(args.save_kept, pixels, result.kept_indices, pipe.manifest.preprocess, pipe.manifest.method.grid)
+    method = pipe.manifest.method
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "kept_indices": result.kept_indices.tolist(),
+            "method": {"name": method.name, "keep": method.keep, "num_patches": method.num_patches},
+            "prompt_tokens": result.prompt_tokens,
+            "timings": result.timings.as_dict(),
+        }, indent=2))
+        return 0
+    t = result.timings
+    print()
+    print(
+        f"-- {method.name} kept {method.keep}/{method.num_patches} visual tokens | prompt {result.prompt_tokens} tokens | "
+        f"{len(result.token_ids)} generated ({result.finish_reason})",
+        file=sys.stderr,
+    )
+    print(
+        f"-- preprocess {t.preprocess * 1e3:.1f} ms | vision {t.vision * 1e3:.1f} ms | projector {t.projector * 1e3:.1f} ms"
+        f" | prefill {t.prefill * 1e3:.1f} ms | first token {t.time_to_first_token * 1e3:.1f} ms"
+        f" | decode {t.decode_tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    if args.save_kept is not None:
+        print(f"-- kept patches drawn in {args.save_kept}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Image loading and CLIP-style preprocessing, with numpy and Pillow only.
+
+`preprocess` reproduces transformers' `CLIPImageProcessorPil` (the PIL backend: PIL resize, center crop,
+rescale, normalize) from the plain-JSON spec that `export.processor.preprocess_spec` writes into the
+manifest, so the runtime feeds the vision graph exactly what the exported model saw in transformers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from runtime.errors import InputError, ManifestError
+
+MAX_PIXELS = 8192 * 8192
+"""Largest accepted width * height. Below PIL's own decompression-bomb limit, so this check fires first."""
+
+SPEC_KEYS = frozenset(
+    {
+        "do_convert_rgb",
+        "do_resize",
+        "size",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+    }
+)
+"""The keys of a preprocessing spec, exactly (see `export.processor.preprocess_spec`)."""
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_RESAMPLE_CODES = frozenset(int(code) for code in Image.Resampling)
+
+ImageSource = str | Path | Image.Image | np.ndarray
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Load an image from a path, a PIL image or a numpy array and return it fully decoded, in RGB.
+
+    Paths and PIL images are turned upright by their EXIF orientation, as transformers' `load_image` does.
+    Numpy arrays must be HxWx3 or HxW (grayscale) uint8. Mode by mode (see `_to_rgb`):
+
+    - L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX: `Image.convert("RGB")`, as transformers' processor does.
+    - RGBA, LA, PA and any image with a `transparency` entry (P, L or RGB with tRNS): composited onto white,
+      as transformers' `convert_to_rgb` does (its `load_image` drops alpha instead, but a user who passes
+      `Image.open(path)` to the processor gets white, which is what the model saw in transformers).
+    - 16-bit (I;16, I;16B, I;16L, I;16N) and mode I with values in 0..65535 (Pillow decodes 16-bit PGM
+      files to I, scaled to that range): scaled to 8 bits by the high byte (v >> 8), the same rule Pillow
+      uses when it decodes a 16-bit RGB PNG. transformers (and a plain `convert`) clip at 255 instead, which turns a
+      16-bit photo white; we deliberately differ. Mode I with values outside 0..65535 is refused.
+    - F (32-bit float): refused. Its range (0..1 or 0..255) is not defined, and converting clips silently.
+
+    Raises InputError (one line, naming the path or the value) for a missing file, a file that is not an
+    image or is corrupt or truncated, an empty image, more than MAX_PIXELS pixels (also when PIL's own
+    decompression-bomb check fires, warning included), and an unsupported array or mode.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        return _to_rgb(_open_file(path), str(path))
+    if isinstance(source, Image.Image):
+        what = f"PIL image (mode {source.mode}, {source.width}x{source.height})"
+        _check_size(source.width, source.height, what)
+        try:
+            upright = ImageOps.exif_transpose(source)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"{what} cannot be decoded: {exc}") from exc
+        return _to_rgb(upright, what)
+    if isinstance(source, np.ndarray):
+        return _to_rgb(_from_array(source), f"numpy image of shape {source.shape}")
+    raise InputError(f"image source must be a path, a PIL image or a numpy array, got {type(source).__name__}")
+
+
+def preprocess(images: list[Image.Image], spec: dict[str, Any]) -> np.ndarray:
+    """Turn PIL images into the vision graph's pixel values, float32 [B, 3, H, W].
+
+    Reproduces transformers 5.23 `PilBackend._preprocess` (as used by `CLIPImageProcessorPil`) for the
+    options in `spec`: convert to RGB, PIL resize, center crop, rescale, normalize. The spec comes from the
+    manifest; a malformed one raises ManifestError. Images that resize to different shapes (no center crop)
+    cannot form one batch and raise InputError.
+    """
+    _check_spec(spec)
+    if not images:
+        raise InputError("preprocess needs at least one image, got an empty list")
+    crops = [_resize_and_crop(image, spec, f"image {index}") for index, image in enumerate(images)]
+    shapes = sorted({crop.shape[:2] for crop in crops})
+    if len(shapes) > 1:
+        raise InputError(f"images resize to different shapes {shapes} and the spec has no center crop to unify them")
+    pixels = np.stack(crops).transpose(0, 3, 1, 2)  # [B, 3, H, W] uint8
+    table = _value_table(spec)  # [3, 256] float32
+    return table[np.arange(3)[:, None, None], pixels]  # [B, 3, H, W] float32
+
+
+def _open_file(path: Path) -> Image.Image:
+    """Open and fully decode an image file; `.load()` inside the try is what catches truncated files.
+
+    PIL's decompression-bomb warning is turned into an error here, so it can never pass silently.
+    """
+    if not path.exists():
+        raise InputError(f"image file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"image path is not a file: {path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as opened:
+                _check_size(opened.width, opened.height, f"image file {path}")
+                opened.load()
+                return ImageOps.exif_transpose(opened)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(f"image file {path} is too large (limit {MAX_PIXELS} pixels): {exc}") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise InputError(f"cannot read image file {path}: not an image, or corrupt or truncated ({exc})") from exc
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """Wrap an HxWx3 (RGB) or HxW (grayscale) uint8 array; other layouts have no unambiguous meaning."""
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise InputError(
+            f"numpy image must be HxWx3 or HxW uint8, got shape {array.shape} and dtype {array.dtype}"
+        )
+    _check_size(array.shape[1], array.shape[0], f"numpy image of shape {array.shape}")
+    return Image.fromarray(array)
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    if width == 0 or height == 0:
+        raise InputError(f"{what} is empty ({width}x{height} pixels); an image needs at least 1x1")
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{what} has {width}x{height} pixels, over the limit of {MAX_PIXELS} pixels")
+
+
+def _to_rgb(image: Image.Image, what: str) -> Image.Image:
+    """Convert to RGB like transformers' `convert_to_rgb`, except 16-bit and float modes (see `load_image`)."""
+    if image.mode == "F":
+        raise InputError(
+            f"{what} is a 32-bit float image (mode F) with no defined pixel range; save it as 8-bit RGB"
+        )
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+        image = _sixteen_to_eight_bit(image, what)
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise InputError(f"{what} has mode {image.mode}, which cannot be converted to RGB ({exc})") from exc
+
+
+def _sixteen_to_eight_bit(image: Image.Image, what: str) -> Image.Image:
+    """Map 0..65535 to 0..255 by the high byte, keeping a tRNS transparent value as an alpha channel."""
+    values = np.asarray(image)  # [H, W] uint16 (either byte order) or int32 for mode I
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise InputError(
+            f"{what} is a 32-bit integer image (mode {image.mode}) with values {low}..{high}, "
+            "outside the 16-bit range 0..65535; save it as 8-bit RGB"
+        )
+    gray = Image.fromarray((values >> 8).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if transparent is None:
+        return gray
+    alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+    return Image.merge("LA", (gray, Image.fromarray(alpha)))
+
+
+def _resize_and_crop(image: Image.Image, spec: dict[str, Any], what: str) -> np.ndarray:
+    """One image through convert, resize and crop; returns [H, W, 3] uint8, as transformers has it then."""
+    _check_size(image.width, image.height, what)
+    if spec["do_convert_rgb"]:
+        image = _to_rgb(image, what)
+    elif image.mode != "RGB":
+        raise InputError(f"{what} has mode {image.mode}, but this spec (do_convert_rgb false) needs RGB images")
+    if spec["do_resize"]:
+        height, width = _resize_shape(image.height, image.width, spec["size"])
+        image = image.resize((width, height), resample=spec["resample"])
+    pixels = np.asarray(image)  # [H, W, 3] uint8
+    if spec["do_center_crop"]:
+        pixels = _center_crop(pixels, spec["crop_size"]["height"], spec["crop_size"]["width"])
+    return pixels
+
+
+def _resize_shape(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+    """Output (height, width) as transformers' `get_resize_output_image_size(default_to_square=False)`.
+
+    The short side becomes `shortest_edge` and the long side `int(shortest_edge * long / short)`: truncated,
+    not rounded, and computed in Python floats; a tie (square) counts the width as the short side.
+    """
+    if "shortest_edge" not in size:
+        return size["height"], size["width"]
+    edge = size["shortest_edge"]
+    if width <= height:
+        return int(edge * height / width), edge
+    return edge, int(edge * width / height)
+
+
+def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:
+    """Center crop [H, W, 3] like transformers' `center_crop`, zero-padding a side smaller than the crop.
+
+    On each axis: a larger side starts at (size - crop) // 2; a smaller one is placed at ceil((crop - size) / 2),
+    which is where transformers' pad-then-crop ends up putting it.
+    """
+    out = np.zeros((crop_height, crop_width, 3), dtype=pixels.dtype)
+    (src_rows, dst_rows), (src_cols, dst_cols) = (
+        _crop_window(pixels.shape[0], crop_height),
+        _crop_window(pixels.shape[1], crop_width),
+    )
+    out[dst_rows, dst_cols] = pixels[src_rows, src_cols]
+    return out
+
+
+def _crop_window(size: int, crop: int) -> tuple[slice, slice]:
+    """(source slice, destination slice) of one axis of a center crop."""
+    if size >= crop:
+        start = (size - crop) // 2
+        return slice(start, start + crop), slice(0, crop)
+    start = (crop - size + 1) // 2
+    return slice(0, size), slice(start, start + size)
+
+
+def _value_table(spec: dict[str, Any]) -> np.ndarray:
+    """Output value for every (channel, uint8 value), in transformers' operation order and dtypes. [3, 256]
+
+    After the crop the pixels are uint8, so rescale + normalize is a function of (channel, value). Computing
+    it once for the 256 values and gathering is exact (rescale in float64 then cast to float32, normalize in
+    float32 with float32 mean and std, as `rescale` and `normalize` do) and cheaper than per-pixel arithmetic.
+    """
+    values = np.arange(256, dtype=np.uint8)
+    if spec["do_rescale"]:
+        values = (values.astype(np.float64) * spec["rescale_factor"]).astype(np.float32)
+    table = np.broadcast_to(values.astype(np.float32), (3, 256))
+    if spec["do_normalize"]:
+        mean = np.asarray(spec["image_mean"], dtype=np.float32)[:, None]
+        std = np.asarray(spec["image_std"], dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return np.ascontiguousarray(table)
+
+
+def _check_spec(spec: dict[str, Any]) -> None:
+    """Refuse a spec this module would misread; options that are switched off are not checked."""
+    if set(spec) != SPEC_KEYS:
+        missing, unknown = sorted(SPEC_KEYS - set(spec)), sorted(set(spec) - SPEC_KEYS)
+        raise ManifestError(f"preprocessing spec has missing keys {missing} and unknown keys {unknown}")
+    if spec["do_resize"]:
+        if _keys(spec["size"]) not in ({"shortest_edge"}, {"height", "width"}):
+            raise ManifestError(f"preprocessing size {spec['size']} must be {{shortest_edge}} or {{height, width}}")
+        if spec["resample"] not in _RESAMPLE_CODES:
+            raise ManifestError(f"preprocessing resample {spec['resample']} is not one of {sorted(_RESAMPLE_CODES)}")
+    if spec["do_center_crop"] and _keys(spec["crop_size"]) != {"height", "width"}:
+        raise ManifestError(f"preprocessing crop_size {spec['crop_size']} must be {{height, width}}")
+    if spec["do_normalize"] and not all(
+        isinstance(values, (list, tuple)) and len(values) == 3 for values in (spec["image_mean"], spec["image_std"])
+    ):
+        raise ManifestError(
+            f"preprocessing image_mean {spec['image_mean']} and image_std {spec['image_std']} need 3 values each"
+        )
+
+
+def _keys(value: object) -> set[str]:
+    return set(value) if isinstance(value, dict) else set()

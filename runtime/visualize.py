@@ -1,0 +1,50 @@
+"""Draw which patches FasterVLM kept over the image the model saw (resized and center-cropped)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from runtime.errors import InputError
+
+
+def model_view(pixel_values: np.ndarray, spec: dict) -> Image.Image:
+    """Undo normalisation and rescaling of one preprocessed image [3, H, W] -> RGB PIL image."""
+    pixels = pixel_values.transpose(1, 2, 0).astype(np.float64)  # [H, W, 3]
+    if spec.get("do_normalize"):
+        pixels = pixels * np.array(spec["image_std"]) + np.array(spec["image_mean"])
+    if spec.get("do_rescale"):
+        pixels = pixels / spec["rescale_factor"]
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def draw_kept(image: Image.Image, kept: np.ndarray, grid: tuple[int, int]) -> Image.Image:
+    """Dim the pruned patches and outline the kept ones. kept: patch indices in raster order."""
+    rows, cols = grid
+    width, height = image.size
+    cell_w, cell_h = width / cols, height / rows
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    keep_mask = np.zeros(rows * cols, bool)
+    keep_mask[np.asarray(kept, dtype=np.int64)] = True
+    ys = np.minimum((np.arange(height) / cell_h).astype(int), rows - 1)
+    xs = np.minimum((np.arange(width) / cell_w).astype(int), cols - 1)
+    kept_pixels = keep_mask.reshape(rows, cols)[ys][:, xs]  # [H, W]
+    out = np.where(kept_pixels[..., None], base, base * 0.25)
+    picture = Image.fromarray(out.astype(np.uint8))
+    pen = ImageDraw.Draw(picture)
+    for index in np.flatnonzero(keep_mask):
+        r, c = divmod(int(index), cols)
+        pen.rectangle([c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1], outline=(255, 200, 0))
+    return picture
+
+
+def save_kept(path: str | Path, pixel_values: np.ndarray, kept: np.ndarray, spec: dict,
+              grid: tuple[int, int], scale: int = 2) -> None:
+    picture = draw_kept(model_view(pixel_values, spec), kept, grid)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    try:
+        picture.save(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot write --save-kept {str(path)!r}: {exc}") from None

