@@ -63,7 +63,8 @@ class DecodeState:
     attention_mask: np.ndarray  # [B, P] int64, 1 = token, 0 = left padding
     next_position: np.ndarray  # [B] int64
     finished: np.ndarray  # [B] bool
-    step_times: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # wall time of each decode step
+    graph_times: list[float] = field(default_factory=list)  # time inside the LLM graph call of each step
 
 
 class Generator:
@@ -82,7 +83,9 @@ class Generator:
             "position_ids": position_ids,
             **state.cache.values,
         }
+        start = time.perf_counter()
         outputs = self.runner.infer_bound(feeds)
+        state.graph_times.append(time.perf_counter() - start)
         state.cache.update(outputs, inputs_embeds.shape[1])
         return outputs["logits"].numpy()  # [B, V]
 

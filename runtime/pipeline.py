@@ -32,6 +32,7 @@ class Timings:
     projector: float = 0.0
     prefill: float = 0.0
     decode_steps: list[float] = field(default_factory=list)  # one LLM call per generated token after the first
+    decode_graph: list[float] = field(default_factory=list)  # the part of each decode step spent in the graph
     total: float = 0.0
 
     @property
@@ -41,6 +42,12 @@ class Timings:
     @property
     def decode_tokens_per_s(self) -> float:
         return len(self.decode_steps) / sum(self.decode_steps) if self.decode_steps else 0.0
+
+    @property
+    def decode_overhead_fraction(self) -> float:
+        """Share of decode time spent outside the LLM graph (embedding lookup, feeds, token choice)."""
+        total = sum(self.decode_steps)
+        return (total - sum(self.decode_graph)) / total if total else 0.0
 
     def as_dict(self) -> dict:
         steps = self.decode_steps
@@ -53,6 +60,7 @@ class Timings:
             "decode_steps": len(steps),
             "decode_step_mean_s": float(np.mean(steps)) if steps else 0.0,
             "decode_tokens_per_s": self.decode_tokens_per_s,
+            "decode_overhead_fraction": self.decode_overhead_fraction,
             "total_s": self.total,
         }
 
@@ -222,6 +230,7 @@ class Pipeline:
             if lazy:
                 yield None
         timings.decode_steps = state.step_times
+        timings.decode_graph = state.graph_times[1:]  # [0] is the prefill call
         timings.total = time.perf_counter() - began
         for row in range(batch):
             text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)

@@ -107,7 +107,7 @@ def build_bench(directory: Path) -> None:
     small enough that one full prefill takes a few seconds on a 2-core CPU."""
     _build_synthetic(
         directory,
-        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=8),
+        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
         text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                   num_key_value_heads=16),
         seed=0,

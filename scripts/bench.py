@@ -1,0 +1,287 @@
+"""Side-by-side benchmark: prunevlm (exported graphs, ONNX Runtime) vs the Hugging Face PyTorch reference
+(eager generate with the same FasterVLM pruning), for several K, on one machine in one run.
+
+    python scripts/bench.py                      # bench model, K = 576 144 58 32
+    python scripts/bench.py --model tiny --keeps 576 32 --new-tokens 8 --repeats 2   # quick check
+
+Each configuration runs in its own subprocess so its peak memory (max RSS) is its own. Reports per-stage
+latency (median over repeats), time to first token, decode tokens/s, peak memory, the ratios, and checks:
+  - LLM prefill speed-up from the largest to the smallest K against the prefill FLOP ratio (target >= 80 %)
+  - cost of the [CLS] score + top-k inside the vision graph (target < 3 % of the vision graph's time)
+  - runtime overhead per decode step, time outside the graph call (target < 5 %)
+  - prunevlm faster than the reference at every K
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "What is in the picture? Describe it in detail."
+
+
+def photo():
+    import skimage.data
+
+    return skimage.data.chelsea()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives exec, so a worker
+    would inherit the driver's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- workers (one configuration each, in a subprocess) ---------------------------------------------
+
+def worker_prunevlm(args) -> dict:
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.export_dir, threads=args.threads)
+    image = photo()
+    pipe.generate(image, PROMPT, max_new_tokens=2)  # warm-up
+    runs = [pipe.generate(image, PROMPT, max_new_tokens=args.new_tokens).timings for _ in range(args.repeats)]
+    med = lambda f: statistics.median(f(t) for t in runs)  # noqa: E731
+    return {
+        "vision_s": med(lambda t: t.vision),
+        "projector_s": med(lambda t: t.projector),
+        "prefill_s": med(lambda t: t.prefill),
+        "ttft_s": med(lambda t: t.time_to_first_token),
+        "decode_tokens_per_s": med(lambda t: t.decode_tokens_per_s),
+        "decode_overhead_fraction": med(lambda t: t.decode_overhead_fraction),
+        "prompt_tokens": pipe.prompt_ids(PROMPT).__len__() - 1 + pipe.manifest.method.keep,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_hf(args) -> dict:
+    import torch
+
+    from export import checkpoints, pruning, reference
+    from export.families import llava15
+    from runtime.manifest import TOOLKIT_VERSION
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    path = checkpoints.resolve(args.model, llava15.SYNTHETIC, key=f"llava15-{TOOLKIT_VERSION}")
+    model, processor = llava15.load(path)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], add_generation_prompt=True
+    )
+    image = photo()
+
+    def once(new_tokens: int) -> dict:
+        t0 = time.perf_counter()
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        t1 = time.perf_counter()
+        features, indices = reference.hf_selection(model, inputs["pixel_values"], args.keep)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            model.model.multi_modal_projector(pruning.gather_tokens(features, indices))
+        t3 = time.perf_counter()
+        embeds, mask, _ = reference.pruned_inputs(model, inputs, args.keep)
+        t4 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+        t5 = time.perf_counter()
+        # pruned_inputs recomputes the selection for HF generate's inputs; it is not counted twice.
+        return {"pre": t1 - t0, "vision": t2 - t1, "projector": t3 - t2, "generate": t5 - t4,
+                "tokens": out.shape[1]}
+
+    once(2)  # warm-up
+    firsts = [once(1) for _ in range(args.repeats)]
+    fulls = [once(args.new_tokens) for _ in range(args.repeats)]
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    prefill = med(firsts, "generate")
+    decode_s = max(med(fulls, "generate") - prefill, 1e-9)
+    return {
+        "vision_s": med(firsts, "vision"),
+        "projector_s": med(firsts, "projector"),
+        "prefill_s": prefill,
+        "ttft_s": med(firsts, "pre") + med(firsts, "vision") + med(firsts, "projector") + prefill,
+        "decode_tokens_per_s": (args.new_tokens - 1) / decode_s,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_topk(args) -> dict:
+    """Vision graph with and without the [CLS] score + top-k, exported side by side and timed interleaved."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from export import checkpoints, onnx_io
+    from export.families import llava15
+    from export.graph import GraphExport
+    from runtime.manifest import TOOLKIT_VERSION
+
+    class FeaturesOnly(llava15.VisionGraph):
+        def forward(self, pixel_values):
+            hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))
+            for layer in self.layers:
+                hidden = layer(hidden, None)
+            return hidden[:, 1:]
+
+    path = checkpoints.resolve(args.model, llava15.SYNTHETIC, key=f"llava15-{TOOLKIT_VERSION}")
+    model, _ = llava15.load(path)
+    method = llava15.method_spec(model.config, args.keep)
+    full = llava15.graphs(model, method)[0]
+    plain = GraphExport("vision_features", FeaturesOnly(full.module.tower, len(full.module.layers), args.keep),
+                        full.spec.__class__(file="features.onnx", inputs=full.spec.inputs, outputs=full.spec.outputs[:1]),
+                        full.example, {})
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for graph in (full, plain):
+            spec = onnx_io.export_graph(graph, Path(tmp), opset=args.opset)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            sessions[graph.name] = ort.InferenceSession(str(Path(tmp) / spec.file), options)
+        x = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, 336, 336), dtype=np.float32)}
+        times = {name: [] for name in sessions}
+        for _ in range(2):
+            for s in sessions.values():
+                s.run(None, x)
+        for _ in range(max(args.repeats, 5) * 4):
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, x)
+                times[name].append(time.perf_counter() - t)
+    with_sel, without = statistics.median(times["vision"]), statistics.median(times["vision_features"])
+    return {"vision_s": with_sel, "features_only_s": without, "selection_fraction": (with_sel - without) / with_sel}
+
+
+# --- driver ----------------------------------------------------------------------------------------
+
+def run_worker(kind: str, args, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--new-tokens", str(args.new_tokens),
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--opset", str(args.opset)]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prefill_flops(llm: dict, tokens: int) -> float:
+    """Multiply-adds x2 of one prefill: projections and MLP per token, attention scores and values over
+    all keys (the graph computes the masked square), the LM head for the last token only."""
+    d, h, kv, dh, layers = llm["hidden_size"], llm["num_heads"], llm["num_kv_heads"], llm["head_dim"], llm["num_layers"]
+    inter = llm["intermediate_size"]
+    per_token = 2 * (d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * inter)
+    attention = 2 * 2 * tokens * tokens * h * dh
+    return layers * (tokens * per_token + attention) + 2 * d * llm["vocab_size"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench", help="checkpoint for both sides (default: built-in 'bench')")
+    p.add_argument("--keeps", type=int, nargs="+", default=[576, 144, 58, 32])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: all cores)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--work", type=Path, default=ROOT / "bench-results", help="exports and results go here")
+    p.add_argument("--skip-hf", action="store_true", help="only prunevlm (no reference columns)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--export-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--keep", type=int, default=32, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        fn = {"prunevlm": worker_prunevlm, "hf": worker_hf, "topk": worker_topk}[args.worker]
+        print(json.dumps(fn(args)))
+        return
+
+    from export.api import Progress, run
+    from export.spec import ExportOptions
+
+    progress = Progress()
+    rows = {}
+    for keep in args.keeps:
+        out = args.work / f"{args.model}-k{keep}"
+        if not (out / "manifest.json").exists():
+            with progress.step(f"exporting {args.model} K={keep}"):
+                run(ExportOptions("llava15", keep, model=args.model, out=out, force=True, opset=args.opset), progress)
+        with progress.step(f"prunevlm K={keep}"):
+            ours = run_worker("prunevlm", args, export_dir=out)
+        ref = None
+        if not args.skip_hf:
+            with progress.step(f"HF reference K={keep}"):
+                ref = run_worker("hf", args, keep=keep)
+        rows[keep] = {"prunevlm": ours, "hf": ref}
+    with progress.step("selection cost inside the vision graph"):
+        topk = run_worker("topk", args, keep=min(args.keeps))
+
+    manifest = json.loads((args.work / f"{args.model}-k{args.keeps[0]}" / "manifest.json").read_text())
+    from export import checkpoints
+    from export.families import llava15
+    from runtime.manifest import TOOLKIT_VERSION
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(
+        checkpoints.resolve(args.model, llava15.SYNTHETIC, key=f"llava15-{TOOLKIT_VERSION}")).get_text_config()
+    llm = dict(manifest["llm"], intermediate_size=text.intermediate_size)
+    report = summarize(rows, topk, llm, args)
+    print(report["table"])
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / f"bench-{args.model}.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.work / f'bench-{args.model}.json'}")
+
+
+def summarize(rows: dict, topk: dict, llm: dict, args) -> dict:
+    keeps = sorted(rows, reverse=True)
+    lines = [f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, "
+             f"python {platform.python_version()}; model {args.model!r}; {args.new_tokens} new tokens; "
+             f"median of {args.repeats}", ""]
+    head = f"{'K':>4} {'impl':<9} {'prompt':>6} {'vision ms':>10} {'proj ms':>8} {'prefill ms':>11} {'TTFT ms':>9} {'decode tok/s':>13} {'peak MB':>8}"
+    lines.append(head)
+    checks = {}
+    for k in keeps:
+        for impl in ("prunevlm", "hf"):
+            r = rows[k][impl]
+            if r is None:
+                continue
+            prompt = rows[k]["prunevlm"]["prompt_tokens"]
+            lines.append(f"{k:>4} {impl:<9} {prompt:>6} {r['vision_s'] * 1e3:>10.1f} {r['projector_s'] * 1e3:>8.2f} "
+                         f"{r['prefill_s'] * 1e3:>11.1f} {r['ttft_s'] * 1e3:>9.1f} {r['decode_tokens_per_s']:>13.1f} "
+                         f"{r['peak_rss_mb']:>8.0f}")
+    lines.append("")
+    big, small = keeps[0], keeps[-1]
+    tok = lambda k: rows[k]["prunevlm"]["prompt_tokens"]  # noqa: E731
+    flop_ratio = prefill_flops(llm, tok(big)) / prefill_flops(llm, tok(small))
+    speedup = rows[big]["prunevlm"]["prefill_s"] / rows[small]["prunevlm"]["prefill_s"]
+    checks["prefill_speedup_vs_flops"] = speedup / flop_ratio
+    lines.append(f"prefill speed-up K={big}->{small}: {speedup:.2f}x; FLOP ratio {flop_ratio:.2f}x; "
+                 f"{speedup / flop_ratio:.0%} of it (target >= 80%)")
+    checks["selection_fraction"] = topk["selection_fraction"]
+    lines.append(f"[CLS] score + top-k in the vision graph: {topk['selection_fraction']:.1%} of its time "
+                 f"({topk['vision_s'] * 1e3:.1f} vs {topk['features_only_s'] * 1e3:.1f} ms without; target < 3%)")
+    overhead = max(rows[k]["prunevlm"]["decode_overhead_fraction"] for k in keeps)
+    checks["decode_overhead_fraction"] = overhead
+    lines.append(f"runtime overhead per decode step (outside the graph call): at most {overhead:.1%} (target < 5%)")
+    if rows[keeps[0]]["hf"] is not None:
+        for k in keeps:
+            ours, ref = rows[k]["prunevlm"], rows[k]["hf"]
+            ttft, dec = ref["ttft_s"] / ours["ttft_s"], ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+            checks[f"ttft_speedup_vs_hf_k{k}"], checks[f"decode_speedup_vs_hf_k{k}"] = ttft, dec
+            lines.append(f"K={k}: prunevlm vs HF reference: time to first token {ttft:.2f}x faster, decode {dec:.2f}x faster")
+    return {"rows": rows, "topk": topk, "flop_ratio": flop_ratio, "checks": checks, "table": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The runtime imports neither torch nor transformers, also while it runs a whole query."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_runtime_query_imports_no_torch(tiny_export, tmp_path):
+    export_dir = tiny_export(32)
+    script = f"""
+import sys
+import numpy as np
+from runtime.pipeline import Pipeline
+import runtime.__main__, runtime.visualize
+pipe = Pipeline.load({str(export_dir)!r})
+result = pipe.generate(np.full((64, 80, 3), 127, np.uint8), "What is this?", max_new_tokens=3)
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'export'))
+print('HEAVY', heavy)
+assert len(result.token_ids) >= 1
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout
