@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from runtime.errors import UserError
+from runtime.cli import ArgumentParser, run
 
 
-def parser() -> argparse.ArgumentParser:
-    from export.families import FAMILIES  # light: no torch at import time
+def parser() -> ArgumentParser:
+    from export.families import FAMILIES
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m export",
         description="Export a vision-language model with FasterVLM visual-token pruning as ONNX graphs "
         "(vision encoder + top-k, gather + projector, LLM with KV cache) plus a manifest.",
@@ -38,25 +37,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        from export.api import run
+
+    def body() -> int:
         from export.spec import ExportOptions
 
         options = ExportOptions(
             family=args.family, keep=args.keep, model=args.model, out=args.out, force=args.force,
             validate=args.validate, opset=args.opset, max_seq_len=args.max_seq_len,
         )
-        out = run(options)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    print(out)
-    return 0
+        from export.api import run as export  # heavy (transformers, onnx): only once the options are valid
+
+        print(export(options))
+        return 0
+
+    return run(body, args.debug)
 
 
 if __name__ == "__main__":

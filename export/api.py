@@ -51,11 +51,12 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     if out.exists() and not options.force:
         raise ExportError(f"output directory {str(out)!r} already exists; pass --force to replace it")
     model_name = options.model or family.DEFAULT_MODEL
-
-    with progress.step(f"resolving checkpoint {model_name!r}"):
-        path = checkpoints.resolve(model_name, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}")
+    # Everything the user chose is checked before the first progress line: bad input gets one line, the error.
+    path = checkpoints.resolve(model_name, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}",
+                               step=progress.step)
     config = family.read_config(path)
     method = family.method_spec(config, options.keep)
+
     with progress.step(f"loading {path}"):
         model, processor = family.load(path)
 
@@ -150,6 +151,9 @@ def _save_tokenizer(processor, directory: Path) -> PromptSpec:
 
 def _replace_dir(new: Path, out: Path) -> None:
     """Move `new` to `out`; an existing `out` (allowed by --force) is removed only after the move."""
+    umask = os.umask(0)
+    os.umask(umask)
+    new.chmod(0o777 & ~umask)  # mkdtemp made it private; the export is an ordinary directory
     if not out.exists():
         os.rename(new, out)
         return

@@ -4,22 +4,29 @@ exactly like a real checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 from runtime.errors import ExportError
 
 CACHE_DIR = Path(os.environ.get("PRUNEVLM_CACHE", Path.home() / ".cache" / "prunevlm"))
 
 
-def resolve(model: str, synthetic: dict[str, Callable[[Path], None]], key: str) -> Path:
+Step = Callable[[str], ContextManager]
+"""Wraps a slow step (building, downloading) and is told what it is, e.g. `export.api.Progress.step`."""
+
+
+def resolve(model: str, synthetic: dict[str, Callable[[Path], None]], key: str,
+            step: Step = contextlib.nullcontext) -> Path:
     """Directory holding the checkpoint `model` (see module doc). `synthetic` maps built-in names to
-    builders that write a checkpoint into a directory; `key` versions their cache entries."""
+    builders that write a checkpoint into a directory; `key` versions their cache entries. Only the slow
+    paths go through `step`, so a bad `model` is refused before anything is reported as started."""
     if model in synthetic:
-        return _synthetic(model, synthetic[model], key)
+        return _synthetic(model, synthetic[model], key, step)
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")):
         if not path.is_dir():
@@ -27,10 +34,10 @@ def resolve(model: str, synthetic: dict[str, Callable[[Path], None]], key: str) 
         if not (path / "config.json").is_file():
             raise ExportError(f"--model {model!r} has no config.json: not a Hugging Face checkpoint directory")
         return path
-    return _from_hub_cache(model, sorted(synthetic))
+    return _from_hub_cache(model, sorted(synthetic), step)
 
 
-def _from_hub_cache(model_id: str, builtins: list[str]) -> Path:
+def _from_hub_cache(model_id: str, builtins: list[str], step: Step) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -43,7 +50,8 @@ def _from_hub_cache(model_id: str, builtins: list[str]) -> Path:
         pass
     if not offline:
         try:
-            return Path(snapshot_download(model_id))
+            with step(f"downloading {model_id!r} from the Hugging Face Hub"):
+                return Path(snapshot_download(model_id))
         except Exception as exc:  # network errors come in many types; all mean "not available"
             reason = f"download failed: {type(exc).__name__}"
         else:  # pragma: no cover
@@ -54,18 +62,20 @@ def _from_hub_cache(model_id: str, builtins: list[str]) -> Path:
 
     raise ExportError(
         f"model {model_id!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and {reason}; "
-        f"pass a local checkpoint directory, or --model {' / '.join(builtins)} for a built-in random-weight model"
+        f"pass a local checkpoint directory, or {' or '.join(f'--model {b}' for b in builtins)} for a built-in "
+        "random-weight model"
     )
 
 
-def _synthetic(name: str, build: Callable[[Path], None], key: str) -> Path:
+def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -> Path:
     target = CACHE_DIR / f"{key}-{name}"
     if (target / "config.json").is_file():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=CACHE_DIR))
     try:
-        build(tmp)
+        with step(f"building the built-in {name!r} checkpoint"):
+            build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process built it first

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from runtime.errors import UserError
+from runtime.cli import ArgumentParser, run
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m runtime",
         description="Run an export directory (python -m export ...) on an image and a prompt with ONNX Runtime. "
         "Prints the answer as it is generated, then per-stage timings.",
@@ -35,15 +34,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return _run(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run(lambda: _run(args), args.debug)
 
 
 def _run(args) -> int:

@@ -7,6 +7,7 @@ copied by the runtime (the graph's own concat is the only copy).
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -27,12 +28,23 @@ class SamplingOptions:
     seed: int | None = None  # for reproducible sampling
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise InputError(f"temperature={self.temperature} must be > 0 (use do_sample=False for greedy)")
-        if self.top_k < 0:
-            raise InputError(f"top_k={self.top_k} must be >= 0 (0 disables the filter)")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p={self.top_p} must be in (0, 1]")
+        # Each test reads "not (valid)", so NaN and values of the wrong type are refused too.
+        if not (_is_number(self.temperature) and self.temperature > 0):
+            raise InputError(f"temperature={self.temperature!r} must be a number > 0 (use do_sample=False for greedy)")
+        if not (_is_integer(self.top_k) and self.top_k >= 0):
+            raise InputError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables the filter)")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"top_p={self.top_p!r} must be a number in (0, 1]")
+        if not (self.seed is None or (_is_integer(self.seed) and self.seed >= 0)):
+            raise InputError(f"seed={self.seed!r} must be an integer >= 0 or None")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class KVCache:
@@ -131,11 +143,16 @@ def choose(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generat
     """Next token per row: argmax, or a sample after temperature / top-k / top-p filtering."""
     if not sampling.do_sample:
         return logits.argmax(axis=-1).astype(np.int64)
-    scaled = logits.astype(np.float64) / sampling.temperature  # [B, V]
-    if sampling.top_k:
-        kth = np.partition(scaled, -sampling.top_k, axis=-1)[:, -sampling.top_k][:, None]
+    logits = logits.astype(np.float64)
+    # Shifted before dividing: the top logit becomes exactly 0, so a tiny temperature overflows to -inf (what
+    # it means: probability 0), never to inf - inf = NaN.
+    with np.errstate(over="ignore"):
+        scaled = (logits - logits.max(axis=-1, keepdims=True)) / sampling.temperature  # [B, V], max 0
+    top_k = min(sampling.top_k, scaled.shape[-1])  # a top_k beyond the vocabulary filters nothing, as in HF
+    if top_k:
+        kth = np.partition(scaled, -top_k, axis=-1)[:, -top_k][:, None]
         scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs = np.exp(scaled)
     probs /= probs.sum(axis=-1, keepdims=True)
     if sampling.top_p < 1:
         order = np.argsort(-probs, axis=-1)

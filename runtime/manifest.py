@@ -124,7 +124,8 @@ class Manifest:
     def read(cls, directory: str | Path) -> "Manifest":
         path = Path(directory) / MANIFEST_FILE
         if not Path(directory).is_dir():
-            raise ManifestError(f"export directory {str(directory)!r} does not exist")
+            problem = "is not a directory" if Path(directory).exists() else "does not exist"
+            raise ManifestError(f"export directory {str(directory)!r} {problem}")
         if not path.is_file():
             raise ManifestError(f"{path} is missing: {str(directory)!r} is not an export directory")
         try:

@@ -115,7 +115,9 @@ class Pipeline:
     # --- pieces ------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of `prompt` in the checkpoint's chat template, with one image placeholder token."""
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a str, got {type(prompt).__name__} {prompt!r:.80}")
+        if not prompt.strip():
             raise InputError(f"prompt {prompt!r} is empty; give a question or instruction about the image")
         spec = self.manifest.prompt
         if spec.image_token in prompt:
@@ -175,11 +177,17 @@ class Pipeline:
         is generated.
         """
         single = isinstance(prompt, str)
-        images, prompts = ([image], [prompt]) if single else (list(image), list(prompt))
+        if single:
+            images, prompts = [image], [prompt]
+        elif isinstance(prompt, (list, tuple)) and isinstance(image, (list, tuple)):
+            images, prompts = list(image), list(prompt)
+        else:
+            raise InputError(
+                f"got an image of type {type(image).__name__} and a prompt of type {type(prompt).__name__}; give "
+                "one image and a str prompt, or a list of images and a list of prompts"
+            )
         if len(images) != len(prompts) or not prompts:
             raise InputError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         sampling = SamplingOptions(do_sample, temperature, top_k, top_p, seed)
         results = list(self._run(images, prompts, max_new_tokens, sampling, on_text, return_logits))
         return results[0] if single else results
@@ -197,6 +205,8 @@ class Pipeline:
     def _run(self, images, prompts, max_new_tokens, sampling, on_text, return_logits, lazy: bool = False):
         """Generator behind generate() and stream(): with lazy=True it yields after every token (None),
         then the results; otherwise it yields only the results."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         began = time.perf_counter()
         timings = Timings()
         start = time.perf_counter()

@@ -115,7 +115,7 @@ def _open_file(path: Path) -> Image.Image:
                 opened.load()
                 return ImageOps.exif_transpose(opened)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InputError(f"image file {path} is too large (limit {MAX_PIXELS} pixels): {exc}") from exc
+            raise InputError(f"image file {path} is too large to open safely (limit {MAX_PIXELS} pixels)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InputError(f"cannot read image file {path}: not an image, or corrupt or truncated ({exc})") from exc
 
