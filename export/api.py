@@ -43,6 +43,9 @@ class Progress:
 
 def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     """Export `options.family` with FasterVLM at `options.keep`; returns the export directory."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is loading
     progress = progress or Progress()
     if options.family not in FAMILIES:
         raise ExportError(f"unknown family {options.family!r}; choose one of {sorted(FAMILIES)}")

@@ -108,7 +108,8 @@ class Pipeline:
         for name in (manifest.prompt.tokenizer, manifest.llm.embeddings):
             if not (directory / name).is_file():
                 raise ManifestError(f"{directory / name} is missing: the export directory is incomplete, re-export it")
-        runners = {name: OrtRunner(directory, spec, providers, threads).activate()
+        # Only the LLM graph runs back to back (decode steps); the others run once per query.
+        runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name == "llm")).activate()
                    for name, spec in manifest.graphs.items()}
         return cls(directory, manifest, runners)
 

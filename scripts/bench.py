@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -34,6 +35,13 @@ def photo():
     import skimage.data
 
     return skimage.data.chelsea()
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
@@ -245,7 +253,7 @@ def main() -> None:
 
 def summarize(rows: dict, topk: dict, llm: dict, args) -> dict:
     keeps = sorted(rows, reverse=True)
-    lines = [f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, "
+    lines = [f"machine: {cpu_name()}, {os.cpu_count()} cores, "
              f"python {platform.python_version()}; model {args.model!r}; {args.new_tokens} new tokens; "
              f"median of {args.repeats}", ""]
     head = f"{'K':>4} {'impl':<9} {'prompt':>6} {'vision ms':>10} {'proj ms':>8} {'prefill ms':>11} {'TTFT ms':>9} {'decode tok/s':>13} {'peak MB':>8}"
