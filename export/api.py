@@ -14,7 +14,6 @@ import numpy as np
 
 from export import checkpoints, llm, onnx_io
 from export.families import FAMILIES
-from export.processor import preprocess_spec
 from export.spec import ExportOptions
 from runtime.errors import ExportError
 from runtime.manifest import LLMSpec, Manifest, PromptSpec, TOOLKIT_VERSION
@@ -115,7 +114,7 @@ def _write(directory: Path, family, model, processor, method, options: ExportOpt
     manifest = Manifest(
         family=family.NAME,
         method=method,
-        preprocess=preprocess_spec(processor.image_processor),
+        modalities=family.modalities(model, processor, method, directory),
         prompt=prompt,
         llm=LLMSpec(**dims, max_seq_len=max_seq_len, embeddings=EMBEDDINGS_FILE, eos_token_ids=eos_ids,
                     pad_token_id=int(pad)),
@@ -142,12 +141,9 @@ def _save_tokenizer(processor, directory: Path) -> PromptSpec:
     template = processor.chat_template or tokenizer.chat_template
     if not template:
         raise ExportError("the checkpoint's processor has no chat template; the runtime needs one to build prompts")
-    image_token = processor.image_token
     return PromptSpec(
         tokenizer=TOKENIZER_FILE,
         chat_template=template,
-        image_token=image_token,
-        image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)),
         special_tokens={k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
     )
 

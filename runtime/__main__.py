@@ -47,11 +47,11 @@ def _run(args) -> int:
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_text=stream,
     )
     if args.save_kept is not None:
-        from runtime.preprocess import load_image, preprocess
         from runtime.visualize import save_kept
 
-        pixels = preprocess([load_image(args.image)], pipe.manifest.preprocess)[0]
-        save_kept(args.save_kept, pixels, result.kept_indices, pipe.manifest.preprocess, pipe.manifest.method.grid)
+        pixels, _ = pipe.layouts["image"].tiles(args.image)  # [S, 3, H, W]: drawn side by side
+        save_kept(args.save_kept, pixels, result.kept_indices.reshape(len(pixels), -1),
+                  pipe.modality("image").preprocess, pipe.manifest.method.grid)
     method = pipe.manifest.method
     if args.json:
         print(json.dumps({

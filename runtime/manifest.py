@@ -86,10 +86,25 @@ class LLMSpec:
 class PromptSpec:
     tokenizer: str  # tokenizer.json inside the export directory
     chat_template: str  # the checkpoint's Jinja chat template
-    image_token: str  # the placeholder the template writes where the image goes
-    image_token_id: int
     # Template variables apply_chat_template passes: the tokenizer's special tokens (bos_token, ...).
     special_tokens: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """How one kind of visual input (an image, a video) becomes LLM tokens.
+
+    The item is cut into sub-images (tiles or frames) by its layout, each sub-image preprocessed with
+    `preprocess` and encoded by the vision graph `graph`; the projector graph maps each sub-image's kept
+    tokens; the layout orders them and the runtime splices them where the template wrote `placeholder`.
+    """
+
+    placeholder: str  # token the chat template writes where the item goes ("<image>")
+    placeholder_id: int
+    content_type: str  # the chat template's content block type ("image", "video")
+    graph: str  # key in Manifest.graphs of the vision graph for this modality
+    preprocess: dict  # see runtime.preprocess.preprocess: applied to each sub-image
+    layout: dict  # {"name": ..., ...}: see runtime.layout
 
 
 @dataclass(frozen=True)
@@ -106,10 +121,10 @@ class MethodSpec:
 class Manifest:
     family: str
     method: MethodSpec
-    preprocess: dict  # see runtime.preprocess.preprocess
+    modalities: dict[str, ModalitySpec]  # "image", and "video" for video models
     prompt: PromptSpec
     llm: LLMSpec
-    graphs: dict[str, GraphSpec]  # "vision", "projector", "llm"
+    graphs: dict[str, GraphSpec]  # vision graph(s), "projector", "llm"
     source: dict  # where the weights came from and the library versions that exported them
     format_version: int = FORMAT_VERSION
     toolkit_version: str = TOOLKIT_VERSION
@@ -160,7 +175,7 @@ class Manifest:
             return cls(
                 family=data["family"],
                 method=MethodSpec(**method),
-                preprocess=dict(data["preprocess"]),
+                modalities={name: ModalitySpec(**m) for name, m in data["modalities"].items()},
                 prompt=PromptSpec(**data["prompt"]),
                 llm=LLMSpec(**llm),
                 graphs=graphs,

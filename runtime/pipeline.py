@@ -1,7 +1,8 @@
 """encode -> project -> prefill -> decode, with per-stage timings.
 
-    image --preprocess--> pixel_values --vision--> image_features, keep_indices --projector--> image_embeds
-    prompt --chat template, tokenizer--> ids --embedding table--> text embeds  (image slot: K positions)
+    image --layout: tiles--> pixel_values --vision--> image_features, keep_indices --projector--> image_embeds
+          --layout: order--> visual tokens [T, D]
+    prompt --chat template, tokenizer--> ids --embedding table--> text embeds  (placeholder: T positions)
     spliced embeds --llm prefill--> logits --decode loop (KV cache bound in place)--> tokens --> text
 """
 
@@ -19,7 +20,7 @@ from runtime.backends.onnxruntime import OrtRunner, check_files
 from runtime.errors import InputError, ManifestError
 from runtime.generation import Generator, SamplingOptions
 from runtime.manifest import Manifest
-from runtime.preprocess import ImageSource, load_image, preprocess
+from runtime.layout import make_layout
 from runtime.prompt import render_chat_template, user_message
 
 
@@ -69,7 +70,7 @@ class Timings:
 class Result:
     text: str
     token_ids: list[int]  # generated tokens, EOS included when it was generated
-    kept_indices: np.ndarray  # [K] patch indices (raster order) handed to the LLM
+    kept_indices: np.ndarray  # kept patch indices per sub-image, raster order: [K], or [S, K] for tiles/frames
     prompt_tokens: int  # LLM input length, image tokens included
     finish_reason: str  # "eos", "length" (max_new_tokens) or "max_seq_len"
     timings: Timings  # shared by every result of one batch
@@ -91,6 +92,7 @@ class Pipeline:
                 f"{(manifest.llm.vocab_size, manifest.llm.hidden_size)}: re-export"
             )
         self.generator = Generator(runners["llm"], manifest.llm, np.asarray(embeddings))
+        self.layouts = {name: make_layout(m, manifest, directory) for name, m in manifest.modalities.items()}
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
@@ -101,7 +103,8 @@ class Pipeline:
         manifest = Manifest.read(directory)
         if backend not in ("onnxruntime", "ort"):
             raise InputError(f"backend {backend!r} is not available; use 'onnxruntime'")
-        for name in ("vision", "projector", "llm"):
+        needed = {"projector", "llm"} | {m.graph for m in manifest.modalities.values()}
+        for name in sorted(needed):
             if name not in manifest.graphs:
                 raise ManifestError(f"manifest in {directory} has no {name!r} graph")
             check_files(directory, manifest.graphs[name])
@@ -114,50 +117,67 @@ class Pipeline:
         return cls(directory, manifest, runners)
 
     # --- pieces ------------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of `prompt` in the checkpoint's chat template, with one image placeholder token."""
+    def modality(self, name: str):
+        if name not in self.manifest.modalities:
+            raise InputError(f"modality {name!r} is not in this export; it takes {sorted(self.manifest.modalities)}")
+        return self.manifest.modalities[name]
+
+    def prompt_ids(self, prompt: str, modality: str = "image") -> list[int]:
+        """Token ids of `prompt` in the checkpoint's chat template, with one placeholder token for the item."""
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a str, got {type(prompt).__name__} {prompt!r:.80}")
         if not prompt.strip():
-            raise InputError(f"prompt {prompt!r} is empty; give a question or instruction about the image")
-        spec = self.manifest.prompt
-        if spec.image_token in prompt:
-            raise InputError(f"the prompt contains the image placeholder {spec.image_token!r}; the image is added for you")
-        text = render_chat_template(spec.chat_template, user_message(prompt), **spec.special_tokens)
+            raise InputError(f"prompt {prompt!r} is empty; give a question or instruction about the {modality}")
+        spec = self.modality(modality)
+        for other in self.manifest.modalities.values():
+            if other.placeholder in prompt:
+                raise InputError(f"the prompt contains the placeholder {other.placeholder!r}; the {modality} is added for you")
+        messages = [{"role": "user", "content": [{"type": spec.content_type}, {"type": "text", "text": prompt}]}]
+        text = render_chat_template(self.manifest.prompt.chat_template, messages, **self.manifest.prompt.special_tokens)
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
-        if ids.count(spec.image_token_id) != 1:
-            raise ManifestError(f"the chat template produced {ids.count(spec.image_token_id)} image tokens, expected 1")
+        if ids.count(spec.placeholder_id) != 1:
+            raise ManifestError(f"the chat template produced {ids.count(spec.placeholder_id)} {spec.placeholder!r} tokens, expected 1")
         return ids
 
-    def encode_images(self, images: Sequence[ImageSource], timings: Timings) -> tuple[np.ndarray, np.ndarray]:
-        """-> image_embeds [B, K, D], keep_indices [B, K]."""
+    def encode(self, sources: Sequence, modality: str, timings: Timings) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Images (or videos) -> per item: its tokens in LLM order [T, D], and the kept indices [S, K]."""
+        spec = self.modality(modality)
+        layout = self.layouts[modality]
         start = time.perf_counter()
-        pixel_values = preprocess([load_image(image) for image in images], self.manifest.preprocess)
+        cut = [layout.tiles(source) for source in sources]
+        pixel_values = np.concatenate([pixels for pixels, _ in cut])  # [sum S, 3, H, W]
         timings.preprocess += time.perf_counter() - start
         start = time.perf_counter()
-        vision = self.runners["vision"].infer({"pixel_values": pixel_values})
+        vision = self.runners[spec.graph].infer({"pixel_values": pixel_values})
         timings.vision += time.perf_counter() - start
         start = time.perf_counter()
         projected = self.runners["projector"].infer(
             {"image_features": vision["image_features"], "keep_indices": vision["keep_indices"]}
         )
         timings.projector += time.perf_counter() - start
-        return projected["image_embeds"], vision["keep_indices"]
+        tokens, kept, at = [], [], 0
+        for pixels, size in cut:
+            part = slice(at, at + len(pixels))
+            at += len(pixels)
+            kept.append(vision["keep_indices"][part])
+            tokens.append(layout.assemble(projected["image_embeds"][part], kept[-1], size))
+        return tokens, kept
 
-    def splice(self, prompt_ids: list[list[int]], image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Text embeddings with each prompt's image placeholder replaced by its K image embeddings, left-padded
+    def splice(self, prompt_ids: list[list[int]], visual: list[np.ndarray], modality: str = "image"
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Text embeddings with each prompt's placeholder replaced by its item's tokens [T, D], left-padded
         to one length. -> inputs_embeds [B, S, D], attention_mask [B, S]."""
-        image_id = self.manifest.prompt.image_token_id
+        placeholder = self.modality(modality).placeholder_id
         table = self.generator.embeddings
         rows = []
-        for ids, image in zip(prompt_ids, image_embeds):
-            at = ids.index(image_id)
-            rows.append(np.concatenate([table[ids[:at]], image, table[ids[at + 1:]]]).astype(np.float32))
+        for ids, tokens in zip(prompt_ids, visual):
+            at = ids.index(placeholder)
+            rows.append(np.concatenate([table[ids[:at]], tokens, table[ids[at + 1:]]]).astype(np.float32))
         length = max(len(r) for r in rows)
         if length >= self.manifest.llm.max_seq_len:
             raise InputError(
-                f"the prompt takes {length} tokens (with {image_embeds.shape[1]} image tokens); this export handles "
-                f"at most {self.manifest.llm.max_seq_len - 1} before the answer: shorten the prompt"
+                f"the prompt takes {length} tokens (with {max(len(v) for v in visual)} visual tokens); this export "
+                f"handles at most {self.manifest.llm.max_seq_len - 1} before the answer: shorten the prompt"
             )
         embeds = np.zeros((len(rows), length, table.shape[1]), np.float32)
         embeds[:] = table[self.manifest.llm.pad_token_id]
@@ -170,12 +190,13 @@ class Pipeline:
     # --- generation ----------------------------------------------------------------------------------
     def generate(self, image, prompt, max_new_tokens: int = 64, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 on_text: Callable[[int, str], None] | None = None, return_logits: bool = False):
+                 on_text: Callable[[int, str], None] | None = None, return_logits: bool = False,
+                 modality: str = "image"):
         """Answer `prompt` about `image`. One image and prompt -> Result; lists of equal length -> list[Result].
 
-        image: a path, a PIL image or an HxWx3 uint8 array. Greedy unless do_sample. Stops at EOS, after
-        max_new_tokens, or at the export's max sequence length. on_text(row, piece) receives the text as it
-        is generated.
+        image: a path, a PIL image or an HxWx3 uint8 array (or a video, with modality="video" on a video
+        export). Greedy unless do_sample. Stops at EOS, after max_new_tokens, or at the export's max sequence
+        length. on_text(row, piece) receives the text as it is generated.
         """
         single = isinstance(prompt, str)
         if single:
@@ -190,20 +211,22 @@ class Pipeline:
         if len(images) != len(prompts) or not prompts:
             raise InputError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
         sampling = SamplingOptions(do_sample, temperature, top_k, top_p, seed)
-        results = list(self._run(images, prompts, max_new_tokens, sampling, on_text, return_logits))
+        results = list(self._run(images, prompts, max_new_tokens, sampling, on_text, return_logits, modality))
         return results[0] if single else results
 
-    def stream(self, image, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
+    def stream(self, image, prompt: str, max_new_tokens: int = 64, modality: str = "image",
+               **sampling) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
         pieces: list[str] = []
         runner = self._run([image], [prompt], max_new_tokens, SamplingOptions(**sampling),
-                           lambda row, piece: pieces.append(piece), False, lazy=True)
+                           lambda row, piece: pieces.append(piece), False, modality, lazy=True)
         for _ in runner:
             yield from pieces
             pieces.clear()
         yield from pieces
 
-    def _run(self, images, prompts, max_new_tokens, sampling, on_text, return_logits, lazy: bool = False):
+    def _run(self, images, prompts, max_new_tokens, sampling, on_text, return_logits, modality: str,
+             lazy: bool = False):
         """Generator behind generate() and stream(): with lazy=True it yields after every token (None),
         then the results; otherwise it yields only the results."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -211,10 +234,10 @@ class Pipeline:
         began = time.perf_counter()
         timings = Timings()
         start = time.perf_counter()
-        ids = [self.prompt_ids(p) for p in prompts]
+        ids = [self.prompt_ids(p, modality) for p in prompts]
         timings.preprocess += time.perf_counter() - start
-        image_embeds, keep_indices = self.encode_images(images, timings)
-        inputs_embeds, mask = self.splice(ids, image_embeds)
+        visual, keep_indices = self.encode(images, modality, timings)
+        inputs_embeds, mask = self.splice(ids, visual, modality)
         start = time.perf_counter()
         state, logits = self.generator.prefill(inputs_embeds, mask)
         timings.prefill = time.perf_counter() - start
@@ -253,6 +276,7 @@ class Pipeline:
                 reason = "max_seq_len"
             else:
                 reason = "length"
-            yield Result(text=text, token_ids=tokens[row], kept_indices=keep_indices[row],
+            kept = keep_indices[row]
+            yield Result(text=text, token_ids=tokens[row], kept_indices=kept[0] if len(kept) == 1 else kept,
                          prompt_tokens=int(mask[row].sum()), finish_reason=reason, timings=timings,
                          logits=kept_logits[row] if return_logits else None)

@@ -86,16 +86,20 @@ def preprocess(images: list[Image.Image], spec: dict[str, Any]) -> np.ndarray:
     manifest; a malformed one raises ManifestError. Images that resize to different shapes (no center crop)
     cannot form one batch and raise InputError.
     """
-    _check_spec(spec)
+    check_spec(spec)
     if not images:
         raise InputError("preprocess needs at least one image, got an empty list")
-    crops = [_resize_and_crop(image, spec, f"image {index}") for index, image in enumerate(images)]
+    crops = [resize_and_crop(image, spec, f"image {index}") for index, image in enumerate(images)]
     shapes = sorted({crop.shape[:2] for crop in crops})
     if len(shapes) > 1:
         raise InputError(f"images resize to different shapes {shapes} and the spec has no center crop to unify them")
-    pixels = np.stack(crops).transpose(0, 3, 1, 2)  # [B, 3, H, W] uint8
+    return rescale_and_normalize(np.stack(crops), spec)
+
+
+def rescale_and_normalize(pixels: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """uint8 [B, H, W, 3] (after resize and crop) -> the vision graph's float32 [B, 3, H, W]."""
     table = _value_table(spec)  # [3, 256] float32
-    return table[np.arange(3)[:, None, None], pixels]  # [B, 3, H, W] float32
+    return table[np.arange(3)[:, None, None], pixels.transpose(0, 3, 1, 2)]
 
 
 def _open_file(path: Path) -> Image.Image:
@@ -171,7 +175,7 @@ def _sixteen_to_eight_bit(image: Image.Image, what: str) -> Image.Image:
     return Image.merge("LA", (gray, Image.fromarray(alpha)))
 
 
-def _resize_and_crop(image: Image.Image, spec: dict[str, Any], what: str) -> np.ndarray:
+def resize_and_crop(image: Image.Image, spec: dict[str, Any], what: str) -> np.ndarray:
     """One image through convert, resize and crop; returns [H, W, 3] uint8, as transformers has it then."""
     _check_size(image.width, image.height, what)
     if spec["do_convert_rgb"]:
@@ -243,7 +247,7 @@ def _value_table(spec: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(table)
 
 
-def _check_spec(spec: dict[str, Any]) -> None:
+def check_spec(spec: dict[str, Any]) -> None:
     """Refuse a spec this module would misread; options that are switched off are not checked."""
     if set(spec) != SPEC_KEYS:
         missing, unknown = sorted(SPEC_KEYS - set(spec)), sorted(set(spec) - SPEC_KEYS)

@@ -42,7 +42,14 @@ def draw_kept(image: Image.Image, kept: np.ndarray, grid: tuple[int, int]) -> Im
 
 def save_kept(path: str | Path, pixel_values: np.ndarray, kept: np.ndarray, spec: dict,
               grid: tuple[int, int], scale: int = 2) -> None:
-    picture = draw_kept(model_view(pixel_values, spec), kept, grid)
+    """pixel_values [S, 3, H, W] and kept [S, K]: each sub-image (tile, frame) drawn, side by side."""
+    views = [draw_kept(model_view(pixels, spec), indices, grid) for pixels, indices in zip(pixel_values, kept)]
+    picture = Image.new("RGB", (sum(v.width for v in views), max(v.height for v in views)))
+    left = 0
+    for view in views:
+        picture.paste(view, (left, 0))
+        left += view.width
+    scale = scale if len(views) == 1 else 1
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     try:
         picture.save(path)

@@ -61,7 +61,8 @@ def worker_prunevlm(args) -> dict:
     pipe = Pipeline.load(args.export_dir, threads=args.threads)
     image = photo()
     pipe.generate(image, PROMPT, max_new_tokens=2)  # warm-up
-    runs = [pipe.generate(image, PROMPT, max_new_tokens=args.new_tokens).timings for _ in range(args.repeats)]
+    results = [pipe.generate(image, PROMPT, max_new_tokens=args.new_tokens) for _ in range(args.repeats)]
+    runs = [r.timings for r in results]
     med = lambda f: statistics.median(f(t) for t in runs)  # noqa: E731
     return {
         "vision_s": med(lambda t: t.vision),
@@ -70,7 +71,7 @@ def worker_prunevlm(args) -> dict:
         "ttft_s": med(lambda t: t.time_to_first_token),
         "decode_tokens_per_s": med(lambda t: t.decode_tokens_per_s),
         "decode_overhead_fraction": med(lambda t: t.decode_overhead_fraction),
-        "prompt_tokens": pipe.prompt_ids(PROMPT).__len__() - 1 + pipe.manifest.method.keep,
+        "prompt_tokens": results[0].prompt_tokens,
         "peak_rss_mb": peak_rss_mb(),
     }
 

@@ -307,7 +307,7 @@ def test_runtime_refuses_prompt_longer_than_export(tmp_path: Path, images: Path,
     shutil.copytree(tiny_export(KEEP), copy)
     _edit_manifest(copy, lambda m: m["llm"].update(max_seq_len=40))  # the image alone takes 32
     run = cli("runtime", copy, "--image", images / "cat.jpg", "--prompt", PROMPT)
-    assert_refused(run, f"with {KEEP} image tokens", "at most 39", "shorten the prompt")
+    assert_refused(run, f"with {KEEP} visual tokens", "at most 39", "shorten the prompt")
     with pytest.raises(InputError) as raised:
         Pipeline.load(copy).generate(data.chelsea(), PROMPT)
     assert_one_line(raised, "at most 39")

@@ -6,6 +6,9 @@
     load(path) -> (model, processor)      fp32, eval mode
     graphs(model, method) -> [GraphExport]
     decoder(model) -> (decoder, lm_head)  the LLM parts (embedding table, dims)
+    modalities(model, processor, method, directory) -> {name: ModalitySpec}
+                                          placeholders, preprocessing and layout per input kind (may
+                                          write extra files the layout needs into the export directory)
 """
 
 from export.families import llava15

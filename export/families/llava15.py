@@ -18,7 +18,8 @@ from torch import nn
 from export import llm, pruning, synthetic
 from export.graph import GraphExport, Tolerance
 from runtime.errors import ExportError
-from runtime.manifest import BATCH, GraphSpec, MethodSpec, TensorSpec
+from export.processor import preprocess_spec
+from runtime.manifest import BATCH, GraphSpec, MethodSpec, ModalitySpec, TensorSpec
 
 NAME = "llava15"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -284,3 +285,18 @@ def graphs(model, method: MethodSpec) -> list[GraphExport]:
         ),
         llm.graph_export(text_decoder, lm_head, llm_graph_spec),
     ]
+
+
+def modalities(model, processor, method: MethodSpec, directory: Path) -> dict[str, ModalitySpec]:
+    """One image per prompt, one sub-image per image: the `single` layout."""
+    token = processor.image_token
+    return {
+        "image": ModalitySpec(
+            placeholder=token,
+            placeholder_id=int(processor.tokenizer.convert_tokens_to_ids(token)),
+            content_type="image",
+            graph="vision",
+            preprocess=preprocess_spec(processor.image_processor),
+            layout={"name": "single"},
+        )
+    }
