@@ -31,6 +31,10 @@ def parser() -> ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17-23; 17-20 for TensorRT; default 18)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + answer the export is meant for (default: the LLM's max positions)")
+    p.add_argument("--layout", default=None,
+                   help="visual-token layout: llava-next: 'fastervlm' (fixed 672x672, 2x2 tiles + base, K per "
+                   "sub-image, the paper's protocol; default when pruning) or 'hf' (the released model's anyres "
+                   "layout with unpadding and newline tokens; unpruned only, default at K=576)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         options = ExportOptions(
             family=args.family, keep=args.keep, model=args.model, out=args.out, force=args.force,
-            validate=args.validate, opset=args.opset, max_seq_len=args.max_seq_len,
+            validate=args.validate, opset=args.opset, max_seq_len=args.max_seq_len, layout=args.layout,
         )
         from export.api import run as export  # heavy (transformers, onnx): only once the options are valid
 

@@ -16,6 +16,7 @@ from export import checkpoints, llm, onnx_io
 from export.families import FAMILIES
 from export.spec import ExportOptions
 from runtime.errors import ExportError
+from runtime.layout import UNPRUNED_ONLY
 from runtime.manifest import LLMSpec, Manifest, PromptSpec, TOOLKIT_VERSION
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -58,6 +59,15 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
                                step=progress.step)
     config = family.read_config(path)
     method = family.method_spec(config, options.keep)
+    layout = options.layout or family.default_layout(method.keep, method.num_patches)
+    if layout not in family.LAYOUTS:
+        raise ExportError(f"--layout {layout!r} is not one of {family.NAME}'s layouts: {', '.join(family.LAYOUTS)}")
+    if family.LAYOUTS[layout] in UNPRUNED_ONLY and method.keep != method.num_patches:
+        others = [name for name, runtime_name in family.LAYOUTS.items() if runtime_name not in UNPRUNED_ONLY]
+        raise ExportError(
+            f"--layout {layout} places every patch and works without pruning only: use --keep {method.num_patches}, "
+            f"or --layout {' / '.join(others)} to prune"
+        )
 
     with progress.step(f"loading {path}"):
         model, processor = family.load(path)
@@ -65,7 +75,7 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write(tmp, family, model, processor, method, options, model_name, progress)
+        _write(tmp, family, model, processor, method, layout, options, model_name, progress)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,8 +84,8 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     return out
 
 
-def _write(directory: Path, family, model, processor, method, options: ExportOptions, model_name: str,
-           progress: Progress) -> None:
+def _write(directory: Path, family, model, processor, method, layout: str, options: ExportOptions,
+           model_name: str, progress: Progress) -> None:
     import torch
     import transformers
 
@@ -114,7 +124,7 @@ def _write(directory: Path, family, model, processor, method, options: ExportOpt
     manifest = Manifest(
         family=family.NAME,
         method=method,
-        modalities=family.modalities(model, processor, method, directory),
+        modalities=family.modalities(model, processor, method, directory, layout),
         prompt=prompt,
         llm=LLMSpec(**dims, max_seq_len=max_seq_len, embeddings=EMBEDDINGS_FILE, eos_token_ids=eos_ids,
                     pad_token_id=int(pad)),

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers.image_processing_backends import PilBackend
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from runtime.errors import ExportError
 
@@ -50,8 +51,24 @@ def preprocess_spec(image_processor: object) -> dict[str, Any]:
         function = getattr(type(image_processor), method)
         if function is not getattr(PilBackend, method) and function not in _EQUIVALENT_OVERRIDES:
             raise ExportError(f"image processor {name} overrides {method}; only PilBackend's pipeline is reproduced")
+    return _options_spec(image_processor)
+
+
+def anyres_spec(image_processor: object) -> tuple[dict[str, Any], list[list[int]]]:
+    """(per-tile spec, grid pinpoints) of a LLaVA-NeXT PIL processor, whose tiling `runtime.anyres`
+    reproduces (the tiles then go through the ordinary spec; its `do_pad` pads the tile count of a
+    batch, which the runtime does not need)."""
+    name = type(image_processor).__name__
+    if type(image_processor) is not LlavaNextImageProcessorPil:
+        raise ExportError(f"image processor {name} is not LlavaNextImageProcessorPil; its tiling is not reproduced")
+    pinpoints = [[int(h), int(w)] for h, w in image_processor.image_grid_pinpoints]
+    return _options_spec(image_processor, ignore_pad=True), pinpoints
+
+
+def _options_spec(image_processor: object, ignore_pad: bool = False) -> dict[str, Any]:
+    name = type(image_processor).__name__
     options = vars(image_processor)
-    if options.get("do_pad"):
+    if options.get("do_pad") and not ignore_pad:
         raise ExportError(f"image processor {name} has do_pad=True (padding); the runtime reproduces no padding")
     spec = {
         "do_convert_rgb": bool(options["do_convert_rgb"]),

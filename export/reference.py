@@ -68,3 +68,35 @@ def generate(model, inputs: dict, keep: int, max_new_tokens: int, **kwargs):
             do_sample=False, **kwargs,
         )
     return out, indices
+
+
+def fastervlm_anyres_tokens(model, pixel_values: torch.Tensor, keep: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FasterVLM's LLaVA-NeXT layout for one image, the reference way: project every token, merge the tiles
+    spatially (no unpadding, no newline), then mask with each sub-image's top-k.
+
+    pixel_values [1 + rows*cols, 3, H, W] (base image first, tiles in raster order) -> (tokens [(1 + rows*cols)*K, D]:
+    base tokens in raster order, then the tiles' tokens in raster order over the stitched grid; kept indices
+    [1 + rows*cols, K]).
+    """
+    rows, cols = grid
+    features, indices = hf_selection(model, pixel_values, keep)  # [S, N, C], [S, K]
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(features)  # [S, N, D]
+    side = int(features.shape[1] ** 0.5)
+    d = projected.shape[-1]
+    mask = torch.zeros(features.shape[:2], dtype=torch.bool)  # [S, N]
+    mask.scatter_(1, indices, True)
+    stitched = projected[1:].view(rows, cols, side, side, d).permute(0, 2, 1, 3, 4).reshape(-1, d)
+    stitched_mask = mask[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(-1)
+    return torch.cat([projected[0][mask[0]], stitched[stitched_mask]]), indices
+
+
+def replace_placeholder_run(model, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """inputs_embeds of one prompt whose run of image placeholder tokens (however many the HF processor
+    wrote) is replaced by `tokens` [T, D]. input_ids [S] without padding."""
+    embed = model.get_input_embeddings()
+    is_image = input_ids == model.config.image_token_id
+    first = int(is_image.nonzero()[0])
+    after = first + int(is_image.sum())
+    with torch.no_grad():
+        return torch.cat([embed(input_ids[:first]), tokens, embed(input_ids[after:])])

@@ -20,6 +20,7 @@ class ExportOptions:
     validate: bool = True  # check every graph against PyTorch after exporting it
     opset: int = 18  # ONNX opset of the graphs
     max_seq_len: int | None = None  # None: the LLM's max_position_embeddings
+    layout: str | None = None  # token layout (family-specific, e.g. llava-next: fastervlm | hf); None: default
 
     def __post_init__(self) -> None:
         if self.keep < 1:

@@ -67,7 +67,8 @@ def _run(args) -> int:
     t = result.timings
     print()
     print(
-        f"-- {method.name} kept {method.keep}/{method.num_patches} visual tokens | prompt {result.prompt_tokens} tokens | "
+        f"-- {method.name} kept {method.keep}/{method.num_patches} visual tokens"
+        f"{' per sub-image' if result.kept_indices.ndim > 1 else ''} | prompt {result.prompt_tokens} tokens | "
         f"{len(result.token_ids)} generated ({result.finish_reason})",
         file=sys.stderr,
     )

@@ -70,7 +70,7 @@ class AnyresHF:
     """The released model's own layout (transformers' `pack_image_features`), for unpruned exports."""
 
     def __init__(self, modality: ModalitySpec, manifest: Manifest, directory: Path):
-        if manifest.method.keep != manifest.method.num_patches:
+        if manifest.method.keep != manifest.method.num_patches:  # the exporter refuses this; a hand-edited manifest
             raise ManifestError("layout anyres_hf needs every patch (keep == num_patches); re-export without pruning")
         self.spec = modality.preprocess
         self.resolutions = [list(r) for r in modality.layout["grid_pinpoints"]]
@@ -107,6 +107,7 @@ def unpad(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 LAYOUTS = {"single": Single, "anyres_fastervlm": AnyresFasterVLM, "anyres_hf": AnyresHF}
+UNPRUNED_ONLY = frozenset({"anyres_hf"})  # layouts that place every patch (keep == num_patches)
 
 
 def make_layout(modality: ModalitySpec, manifest: Manifest, directory: Path):

@@ -100,6 +100,9 @@ EXPORT_CASES = {
     "opset": (["llava15", "--keep", "8", "--model", "tiny", "--opset", "99"], ["--opset 99", "17..23"]),
     "max-seq-len": (["llava15", "--keep", "8", "--model", "tiny", "--max-seq-len", "1"], ["--max-seq-len 1"]),
     "keep-not-a-number": (["llava15", "--keep", "abc", "--model", "tiny"], ["--keep", "'abc'", "--help"]),
+    "layout-unknown": (["llava15", "--keep", "8", "--model", "tiny", "--layout", "hf"], ["--layout 'hf'", "single"]),
+    "layout-hf-pruned": (["llava-next", "--keep", "29", "--model", "tiny", "--layout", "hf"],
+                         ["--layout hf", "--keep 576", "fastervlm"]),
 }
 
 

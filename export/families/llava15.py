@@ -186,16 +186,16 @@ class ProjectorGraph(nn.Module):
         return self.projector(kept)  # [B, K, D]
 
 
-def read_config(path: Path):
-    """The checkpoint's LlavaConfig, after checking FasterVLM can be applied to it (no weights loaded)."""
+def read_config(path: Path, model_type: str = "llava"):
+    """The checkpoint's config, after checking FasterVLM can be applied to it (no weights loaded)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"cannot read the checkpoint config in {path}: {str(exc).splitlines()[0]}") from None
-    if config.model_type != "llava":
-        raise ExportError(f"{path} holds a {config.model_type!r} model; family {NAME!r} needs model_type 'llava'")
+    if config.model_type != model_type:
+        raise ExportError(f"{path} holds a {config.model_type!r} model; this family needs model_type {model_type!r}")
     if config.vision_config.model_type != "clip_vision_model":
         raise ExportError(
             f"{path} has a {config.vision_config.model_type!r} vision tower; FasterVLM needs a [CLS] token "
@@ -210,12 +210,13 @@ def read_config(path: Path):
     return config
 
 
-def load(path: Path):
+def load(path: Path, model_class=None):
     """Model (fp32, eval, SDPA attention) and processor from a checkpoint directory."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    model_class = model_class or LlavaForConditionalGeneration
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = model_class.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ExportError(f"cannot load the checkpoint in {path}: {str(exc).splitlines()[0]}") from None
@@ -287,7 +288,14 @@ def graphs(model, method: MethodSpec) -> list[GraphExport]:
     ]
 
 
-def modalities(model, processor, method: MethodSpec, directory: Path) -> dict[str, ModalitySpec]:
+LAYOUTS = {"single": "single"}
+
+
+def default_layout(keep: int, num_patches: int) -> str:
+    return "single"
+
+
+def modalities(model, processor, method: MethodSpec, directory: Path, layout: str) -> dict[str, ModalitySpec]:
     """One image per prompt, one sub-image per image: the `single` layout."""
     token = processor.image_token
     return {

@@ -1,0 +1,147 @@
+"""LLaVA-NeXT (HF `LlavaNextForConditionalGeneration`, "anyres") with FasterVLM applied per sub-image.
+
+The graphs are LLaVA-1.5's (vision + top-k, gather + projector, LLM): the vision graph runs the sub-images
+(base image and tiles) as one batch, the projector gathers per sub-image, and the runtime orders the
+tokens by layout (runtime/layout.py). Two layouts:
+
+    fastervlm  (default when K < 576) the protocol of the paper's numbers: the image fitted into a fixed
+               672x672 (aspect kept, zero-padded, as the HF processor does for that one resolution), cut
+               into 2x2 tiles of 336 plus the base image: 5 x 576 = 2880 tokens; the same K kept in each of
+               the 5 sub-images (K=29 gives 145); no unpadding, no newline tokens; base tokens first, then
+               the tiles' tokens in raster order over the stitched 48x48 grid.
+    hf         (default when K = 576, unpruned only) the released model's own processing: the tile grid
+               chosen from the image's aspect ratio among the checkpoint's pinpoints, padding removed,
+               a learned newline embedding after every row, exactly as transformers does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import synthetic
+from export.families import llava15
+from export.processor import anyres_spec
+from runtime.errors import ExportError
+from runtime.manifest import MethodSpec, ModalitySpec
+
+NAME = "llava-next"
+DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+FASTERVLM_RESOLUTION = [672, 672]  # the authors' fixed input: a 2x2 grid of 336 tiles
+LAYOUTS = {"fastervlm": "anyres_fastervlm", "hf": "anyres_hf"}
+NEWLINE_FILE = "image_newline.npy"
+
+
+def default_layout(keep: int, num_patches: int) -> str:
+    return "hf" if keep == num_patches else "fastervlm"
+
+
+def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) -> None:
+    """A LLaVA-NeXT-shaped checkpoint with random weights (CLIP 336/14, feature layer -2, Llama with
+    grouped-query attention, the default anyres pinpoints), SmolLM2's real tokenizer."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = synthetic.smollm2_tokenizer([llava15.IMAGE_TOKEN])
+    tokenizer.padding_side = "left"
+    vision_config = CLIPVisionConfig(image_size=336, patch_size=14, hidden_act="quick_gelu", **vision)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=8192, **text,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(llava15.IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    synthetic.sharpen_attention(model.model.vision_tower.encoder.layers, factor=8.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", chat_template=llava15.CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(directory)
+
+
+def build_tiny(directory: Path) -> None:
+    _build_synthetic(
+        directory,
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+        seed=1,
+    )
+
+
+def build_bench(directory: Path) -> None:
+    """LLaVA-1.5's bench model, NeXT-shaped: 2880 visual tokens per image in the fastervlm layout."""
+    _build_synthetic(
+        directory,
+        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=16),
+        seed=1,
+    )
+
+
+SYNTHETIC = {"tiny": build_tiny, "bench": build_bench}
+
+
+def read_config(path: Path):
+    config = llava15.read_config(path, model_type="llava_next")
+    if getattr(config, "image_grid_pinpoints", None) is None:
+        raise ExportError(f"{path} has no image_grid_pinpoints: not an anyres LLaVA-NeXT checkpoint")
+    return config
+
+
+def load(path: Path):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return llava15.load(path, LlavaNextForConditionalGeneration)
+
+
+method_spec = llava15.method_spec
+decoder = llava15.decoder
+graphs = llava15.graphs  # same three graphs: the vision graph takes the sub-images as its batch
+
+
+def modalities(model, processor, method: MethodSpec, directory: Path, layout: str) -> dict[str, ModalitySpec]:
+    tile_spec, pinpoints = anyres_spec(processor.image_processor)
+    tile = model.config.vision_config.image_size
+    if tile_spec["do_center_crop"] and tile_spec["crop_size"] != {"height": tile, "width": tile}:
+        raise ExportError(f"the processor crops tiles to {tile_spec['crop_size']}, the vision tower takes {tile}")
+    if layout == "fastervlm":
+        spec = {"name": LAYOUTS[layout], "resolution": FASTERVLM_RESOLUTION, "tile": tile}
+    else:
+        np.save(directory / NEWLINE_FILE, model.model.image_newline.detach().float().numpy())
+        spec = {"name": LAYOUTS[layout], "grid_pinpoints": pinpoints, "tile": tile, "newline": NEWLINE_FILE}
+    token = processor.image_token
+    return {
+        "image": ModalitySpec(
+            placeholder=token,
+            placeholder_id=int(processor.tokenizer.convert_tokens_to_ids(token)),
+            content_type="image",
+            graph="vision",
+            preprocess=tile_spec,
+            layout=spec,
+        )
+    }
