@@ -28,3 +28,7 @@ class GraphExport:
     tolerances: dict[str, Tolerance]  # per output; outputs not listed must match exactly
     # Outputs compared as per-row sets (selected indices): order-free, exact.
     set_outputs: tuple[str, ...] = field(default=())
+    # (feeds, output name) -> boolean array broadcastable to the output marking the elements that matter,
+    # or None for all. The LLM's KV cache at left-padding positions is never read, and attention
+    # implementations legitimately differ there (a fully masked query row).
+    compared: Callable[[dict, str], object] | None = None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from runtime.errors import ManifestError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TOOLKIT_VERSION = "0.1.0"
 

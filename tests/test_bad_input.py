@@ -275,8 +275,8 @@ DAMAGES = {
         ["{dir}/manifest.json", "not valid JSON"],
     ),
     "manifest-other-version": (
-        lambda d: _edit_manifest(d, lambda m: m.update(format_version=2)),
-        ["{dir}/manifest.json", "format_version 2", "format_version 1", "re-export"],
+        lambda d: _edit_manifest(d, lambda m: m.update(format_version=1)),
+        ["{dir}/manifest.json", "format_version 1", "format_version 2", "re-export"],
     ),
     "manifest-missing": (lambda d: (d / "manifest.json").unlink(), ["{dir}/manifest.json", "missing"]),
 }

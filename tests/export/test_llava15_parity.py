@@ -93,3 +93,20 @@ def test_pruned_generation_matches_torch_reference(keep, photos, tiny, pipeline)
         assert result.kept_indices.tolist() == indices[row].tolist()
         assert result.prompt_tokens == int(inputs["attention_mask"][row].sum()) - 576 + keep
     assert_same_generation(results, out.sequences, out.logits, set(pipe.manifest.llm.eos_token_ids))
+
+
+def test_opset23_export_matches_hf_generate(photos, tiny, tiny_checkpoint, tmp_path):
+    """--opset 23 (fused Attention / RMSNormalization / RotaryEmbedding ops for ONNX Runtime), batch 2
+    with left padding, pruned at K=32: same tokens as the PyTorch reference."""
+    from export.api import Progress, run
+    from export.spec import ExportOptions
+    from runtime.pipeline import Pipeline
+
+    model, processor = tiny
+    out = run(ExportOptions("llava15", 32, model=str(tiny_checkpoint), out=tmp_path / "o23", opset=23),
+              Progress(stream=open("/dev/null", "w")))
+    images, prompts = [photos["rocket"], photos["coffee"]], [PROMPTS[1], PROMPTS[2]]
+    inputs = hf_inputs(processor, images, prompts)
+    ref, _ = reference.generate(model, inputs, 32, NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
+    results = Pipeline.load(out).generate(images, prompts, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert_same_generation(results, ref.sequences, ref.logits, {model.generation_config.eos_token_id})
