@@ -279,6 +279,11 @@ DAMAGES = {
         ["{dir}/manifest.json", "format_version 1", "format_version 2", "re-export"],
     ),
     "manifest-missing": (lambda d: (d / "manifest.json").unlink(), ["{dir}/manifest.json", "missing"]),
+    "embeddings-truncated": (
+        lambda d: (d / "embed_tokens.npy").write_bytes((d / "embed_tokens.npy").read_bytes()[:1000]),
+        ["{dir}/embed_tokens.npy", "re-export"],
+    ),
+    "tokenizer-corrupt": (lambda d: (d / "tokenizer.json").write_text('{"x":'), ["{dir}/tokenizer.json", "re-export"]),
 }
 
 
