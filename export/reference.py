@@ -26,9 +26,10 @@ def eager_attention(module):
         module.set_attn_implementation(previous)
 
 
-def hf_selection(model, pixel_values: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (image_features [B, N, C] from hidden_states[feature_layer] without [CLS], keep_indices [B, K])."""
-    tower = model.model.vision_tower
+def hf_selection(model, pixel_values: torch.Tensor, keep: int, tower=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (image_features [B, N, C] from hidden_states[feature_layer] without [CLS], keep_indices [B, K]).
+    tower: the CLIP tower to run (default: the model's only one, `vision_tower`; Video-LLaVA has two)."""
+    tower = model.model.vision_tower if tower is None else tower
     layer = model.config.vision_feature_layer
     with torch.no_grad(), eager_attention(tower):
         out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
@@ -91,12 +92,27 @@ def fastervlm_anyres_tokens(model, pixel_values: torch.Tensor, keep: int, grid: 
     return torch.cat([projected[0][mask[0]], stitched[stitched_mask]]), indices
 
 
-def replace_placeholder_run(model, input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def replace_placeholder_run(model, input_ids: torch.Tensor, tokens: torch.Tensor,
+                            token_id: int | None = None) -> torch.Tensor:
     """inputs_embeds of one prompt whose run of image placeholder tokens (however many the HF processor
-    wrote) is replaced by `tokens` [T, D]. input_ids [S] without padding."""
+    wrote) is replaced by `tokens` [T, D]. input_ids [S] without padding. token_id: another placeholder
+    (Video-LLaVA's video token); default the image token."""
     embed = model.get_input_embeddings()
-    is_image = input_ids == model.config.image_token_id
+    is_image = input_ids == (model.config.image_token_id if token_id is None else token_id)
     first = int(is_image.nonzero()[0])
     after = first + int(is_image.sum())
     with torch.no_grad():
         return torch.cat([embed(input_ids[:first]), tokens, embed(input_ids[after:])])
+
+
+def fastervlm_video_tokens(model, pixel_values_videos: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FasterVLM's Video-LLaVA tokens the reference way (its `encode_videos`): every frame through the video
+    tower with eager attention, layer -2's [CLS] row over the patches, mean over heads, top-k per frame,
+    sorted, [CLS] dropped, gathered and projected, frames in order.
+
+    pixel_values_videos [B, F, 3, H, W] -> (tokens [B, F*K, D], kept indices [B, F, K])."""
+    batch, frames = pixel_values_videos.shape[:2]
+    features, indices = hf_selection(model, pixel_values_videos.flatten(0, 1), keep, tower=model.model.video_tower)
+    with torch.no_grad():
+        tokens = model.model.multi_modal_projector(pruning.gather_tokens(features, indices))  # [B*F, K, D]
+    return tokens.reshape(batch, frames * keep, -1), indices.reshape(batch, frames, keep)

@@ -1,4 +1,5 @@
-"""python -m runtime EXPORT_DIR --image PATH --prompt TEXT: answer a question about an image."""
+"""python -m runtime EXPORT_DIR --image PATH (or --video PATH) --prompt TEXT: answer a question about an image
+(or a video, on exports that take videos)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,21 @@ import sys
 from pathlib import Path
 
 from runtime.cli import ArgumentParser, run
+from runtime.errors import InputError
 
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m runtime",
-        description="Run an export directory (python -m export ...) on an image and a prompt with ONNX Runtime. "
-        "Prints the answer as it is generated, then per-stage timings.",
+        description="Run an export directory (python -m export ...) on an image (or a video) and a prompt with ONNX "
+        "Runtime. Prints the answer as it is generated, then per-stage timings.",
         epilog='example: python -m runtime exports/llava15-k32 --image cat.jpg --prompt "What is in the picture?"',
     )
     p.add_argument("export_dir", type=Path, help="directory written by python -m export")
-    p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...); grayscale/RGBA are converted to RGB")
+    item = p.add_mutually_exclusive_group(required=True)
+    item.add_argument("--image", help="image file (JPEG, PNG, ...); grayscale/RGBA are converted to RGB")
+    item.add_argument("--video", help="video file (MP4, AVI, WebM, ...; decoded with PyAV) for exports that take "
+                      "videos (video-llava): the export's frame count is sampled uniformly")
     p.add_argument("--prompt", required=True, help="question or instruction about the image")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -41,17 +46,21 @@ def _run(args) -> int:
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(args.export_dir, threads=args.threads)
+    modality, source = ("video", args.video) if args.video is not None else ("image", args.image)
+    if modality not in pipe.manifest.modalities:
+        raise InputError(f"--{modality}: the export in {str(args.export_dir)!r} ({pipe.manifest.family}) takes "
+                         f"{' or '.join(sorted(pipe.manifest.modalities))} input only")
     stream = None if args.json else (lambda row, piece: print(piece, end="", flush=True))
     result = pipe.generate(
-        args.image, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_text=stream,
+        source, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_text=stream, modality=modality,
     )
     if args.save_kept is not None:
         from runtime.visualize import save_kept
 
-        pixels, _ = pipe.layouts["image"].tiles(args.image)  # [S, 3, H, W]: drawn side by side
+        pixels, _ = pipe.layouts[modality].tiles(source)  # [S, 3, H, W] (tiles, frames): drawn side by side
         save_kept(args.save_kept, pixels, result.kept_indices.reshape(len(pixels), -1),
-                  pipe.modality("image").preprocess, pipe.manifest.method.grid)
+                  pipe.modality(modality).preprocess, pipe.manifest.method.grid)
     method = pipe.manifest.method
     if args.json:
         print(json.dumps({

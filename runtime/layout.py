@@ -13,6 +13,8 @@ manifest's `modalities[...].layout["name"]`, never by model family.
                        (FasterVLM's LLaVA-NeXT protocol: no unpadding, no newline tokens)
     anyres_hf          the released LLaVA-NeXT layout, unpruned: grid chosen by aspect ratio, padding
                        rows/columns removed, a newline embedding after every row of the tile grid
+    frames             a video: num_frames frames sampled uniformly (runtime/video.py), each a sub-image;
+                       each frame's tokens in frame order (Video-LLaVA)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from runtime import anyres
 from runtime.errors import ManifestError
 from runtime.manifest import Manifest, ModalitySpec
 from runtime.preprocess import ImageSource, load_image, preprocess
+from runtime.video import Frames
 
 
 class Single:
@@ -106,7 +109,7 @@ def unpad(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return grid[:, pad:current_w - pad]
 
 
-LAYOUTS = {"single": Single, "anyres_fastervlm": AnyresFasterVLM, "anyres_hf": AnyresHF}
+LAYOUTS = {"single": Single, "anyres_fastervlm": AnyresFasterVLM, "anyres_hf": AnyresHF, "frames": Frames}
 UNPRUNED_ONLY = frozenset({"anyres_hf"})  # layouts that place every patch (keep == num_patches)
 
 

@@ -105,6 +105,7 @@ class ModalitySpec:
     graph: str  # key in Manifest.graphs of the vision graph for this modality
     preprocess: dict  # see runtime.preprocess.preprocess: applied to each sub-image
     layout: dict  # {"name": ..., ...}: see runtime.layout
+    projector: str = "projector"  # key in Manifest.graphs of the projector graph for this modality
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,14 @@ class Pipeline:
         self.directory = directory
         self.manifest = manifest
         self.runners = runners
-        self.tokenizer = Tokenizer.from_file(str(directory / manifest.prompt.tokenizer))
-        embeddings = np.load(directory / manifest.llm.embeddings, mmap_mode="r")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(directory / manifest.prompt.tokenizer))
+        except Exception as exc:  # the tokenizers library raises its own exception type
+            raise ManifestError(f"{directory / manifest.prompt.tokenizer} cannot be read ({exc}): re-export") from None
+        try:  # memory-mapped: a 7B model's table is read on demand, row by row
+            embeddings = np.load(directory / manifest.llm.embeddings, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{directory / manifest.llm.embeddings} cannot be read ({exc}): re-export") from None
         if embeddings.shape != (manifest.llm.vocab_size, manifest.llm.hidden_size):
             raise ManifestError(
                 f"{manifest.llm.embeddings} has shape {embeddings.shape}, expected "
@@ -103,7 +109,7 @@ class Pipeline:
         manifest = Manifest.read(directory)
         if backend not in ("onnxruntime", "ort"):
             raise InputError(f"backend {backend!r} is not available; use 'onnxruntime'")
-        needed = {"projector", "llm"} | {m.graph for m in manifest.modalities.values()}
+        needed = {"llm"} | {g for m in manifest.modalities.values() for g in (m.graph, m.projector)}
         for name in sorted(needed):
             if name not in manifest.graphs:
                 raise ManifestError(f"manifest in {directory} has no {name!r} graph")
@@ -151,7 +157,7 @@ class Pipeline:
         vision = self.runners[spec.graph].infer({"pixel_values": pixel_values})
         timings.vision += time.perf_counter() - start
         start = time.perf_counter()
-        projected = self.runners["projector"].infer(
+        projected = self.runners[spec.projector].infer(
             {"image_features": vision["image_features"], "keep_indices": vision["keep_indices"]}
         )
         timings.projector += time.perf_counter() - start

@@ -12,6 +12,6 @@
                                           write extra files the layout needs into the export directory)
 """
 
-from export.families import llava15, llava_next
+from export.families import llava15, llava_next, video_llava
 
-FAMILIES = {llava15.NAME: llava15, llava_next.NAME: llava_next}
+FAMILIES = {llava15.NAME: llava15, llava_next.NAME: llava_next, video_llava.NAME: video_llava}
