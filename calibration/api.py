@@ -1,0 +1,318 @@
+"""`run(options)`: an export directory + photos -> Q/DQ graphs, calibration set and calibration.json.
+
+    photos --runtime preprocessing--> calibration-<sha>.npz
+    vision.onnx    + pixel_values                         --ModelOpt PTQ--> vision.int8.onnx
+    projector.onnx + fp32 vision outputs                  --ModelOpt PTQ--> projector.int8.onnx
+    llm.onnx       + prefill inputs (fp32 vision+projector) --ModelOpt PTQ--> llm.int8.onnx      (--graphs llm)
+    held-out photos: fp32 vs quantized graphs (top-k agreement, cosine, latency) -> calibration.json
+
+Everything is written into a `.calibration.partial-*` directory beside the outputs, checked and measured
+there, then renamed into place (external data before the graph that needs it, calibration.json last).
+A failure or an interrupt removes the partial directory: no half-written file is ever visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from calibration import data, evaluate, nodes, ptq
+from calibration.options import TARGETS, CalibrationError, CalibrationOptions
+from runtime.backends.onnxruntime import check_files
+from runtime.errors import UserError
+from runtime.manifest import MANIFEST_FILE, TOOLKIT_VERSION, Manifest
+
+RECORD_FILE = "calibration.json"
+RECORD_VERSION = 1
+ROLES = ("vision", "projector", "llm")
+RANDOM_WEIGHT_MODELS = ("tiny", "bench")  # export --model names of the built-in random-weight checkpoints
+
+
+def run(options: CalibrationOptions, log: "Log | None" = None) -> dict:
+    """Quantize the graphs `options` names; returns this precision's entry of calibration.json.
+    Every input is checked (manifest, files, photos, ModelOpt installed) before anything is written."""
+    log = log or Log()
+    export_dir = Path(options.export_dir)
+    manifest = Manifest.read(export_dir)
+    names = graph_names(manifest)
+    roles = _roles(manifest, options.graphs)
+    for graph in sorted({*roles.values(), names["vision"], names["projector"]}):
+        if graph not in manifest.graphs:
+            raise CalibrationError(f"the manifest in {str(export_dir)!r} has no {graph!r} graph")
+        check_files(export_dir, manifest.graphs[graph])
+    out = options.out_dir()
+    record = _read_record(out)
+    input_shape = manifest.graphs[names["vision"]].inputs[0].shape
+    calibration = data.build(options.images, options.calibration_data, manifest, export_dir, input_shape)
+    held_out = _held_out(options, manifest, export_dir)
+    ptq.require_modelopt()
+    log.say(f"calibrating {', '.join(roles)} at {options.precision} on {len(calibration.names)} images")
+
+    created = not out.exists()
+    if created:
+        out.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=".calibration.partial-", dir=out))
+    try:
+        npz_sha = data.write_npz(calibration, tmp / "calibration.npz")
+        npz_name = f"calibration-{npz_sha[:12]}.npz"
+        os.replace(tmp / "calibration.npz", tmp / npz_name)
+        pipe = _pipeline(export_dir) if "llm" in roles else None
+        feeds = _calibration_feeds(export_dir, manifest, roles, calibration, pipe, options.prompt)
+        graphs, files = _quantize(options, export_dir, manifest, roles, feeds, tmp, log)
+        metrics = None
+        if held_out is not None:
+            pairs = {role: (export_dir / manifest.graphs[names[role]].file,) * 2 for role in ("vision", "projector")}
+            pairs.update({role: (export_dir / graphs[role]["source"], tmp / graphs[role]["file"]) for role in roles})
+            with log.step(f"measuring on {len(held_out.names)} held-out photos"):
+                metrics = evaluate.measure(export_dir, manifest, pipe, pairs, options.precision == "fp8", held_out,
+                                           options.prompt, options.latency_runs)
+            metrics["calibration_overlap"] = _overlap(calibration, held_out)
+        record[options.precision] = _entry(options, manifest, calibration, npz_name, npz_sha, graphs, metrics)
+        record["notes"] = _notes(manifest)
+        _install(tmp, out, [tmp / npz_name, *sorted(files, key=lambda p: not p.name.endswith(".data"))], record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.say(f"wrote {out / RECORD_FILE}")
+    return record[options.precision]
+
+
+def _quantize(options: CalibrationOptions, export_dir: Path, manifest: Manifest, roles: dict[str, str],
+              feeds: dict, tmp: Path, log: "Log") -> tuple[dict, list[Path]]:
+    """Each graph through ModelOpt into `tmp`; returns the record of each graph and the files written."""
+    graphs, files = {}, []
+    for role, graph in roles.items():
+        source = export_dir / manifest.graphs[graph].file
+        out_name = f"{Path(source.name).stem}.{options.precision}.onnx"
+        vocab = manifest.llm.vocab_size if role == "llm" else None
+        plan = nodes.plan(onnx.load(str(source), load_external_data=False), vocab)
+        work = tmp / role
+        work.mkdir()
+        with log.step(f"{role}: ModelOpt {options.precision} PTQ of {len(plan.quantize)} linear layers"):
+            result = ptq.quantize(source, out_name, work, options.precision, options.calibration_method,
+                                  feeds[role], plan, verbose=log.verbose)
+        for path in result.files:  # beside the other outputs, so evaluation finds the data file by name
+            os.replace(path, tmp / path.name)
+        files += [tmp / path.name for path in result.files]
+        graphs[role] = {
+            "source": source.name,
+            "source_sha256": data.sha256_file(source),
+            "file": out_name,
+            "files": {path.name: data.sha256_file(tmp / path.name) for path in result.files},
+            "opset": result.opset,
+            "qdq_nodes": result.qdq,
+            **plan.record(),
+            "rewired_to_float": list(result.rewired),
+        }
+        shutil.rmtree(work)  # ModelOpt's intermediate files
+    return graphs, files
+
+
+def graph_names(manifest: Manifest) -> dict[str, str]:
+    """Graph role -> graph name in the manifest. The vision graph is the one the image modality uses."""
+    modalities = getattr(manifest, "modalities", {})
+    if data.IMAGE_MODALITY not in modalities:
+        raise CalibrationError(f"this export has no {data.IMAGE_MODALITY!r} modality; calibration needs photos")
+    return {"vision": modalities[data.IMAGE_MODALITY].graph, "projector": "projector", "llm": "llm"}
+
+
+def _roles(manifest: Manifest, graphs: tuple[str, ...]) -> dict[str, str]:
+    known = graph_names(manifest)
+    for role in graphs:
+        if role not in known:
+            raise CalibrationError(f"--graphs names {role!r}; choose from {', '.join(ROLES)}")
+        if known[role] not in manifest.graphs:
+            raise CalibrationError(f"the manifest has no {known[role]!r} graph for --graphs {role}")
+    return {role: known[role] for role in ROLES if role in graphs}
+
+
+def _read_record(out: Path) -> dict:
+    """The existing calibration.json (other precisions are kept), or a new one. Refused when unreadable,
+    rather than overwritten: it is the only record of the graphs already there."""
+    path = out / RECORD_FILE
+    if out.exists() and not out.is_dir():
+        raise CalibrationError(f"--out {str(out)!r} exists and is not a directory")
+    if not out.exists() and not out.parent.is_dir():
+        raise CalibrationError(f"--out {str(out)!r}: its parent directory does not exist")
+    if not path.exists():
+        return {"format_version": RECORD_VERSION}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CalibrationError(f"{path} is not valid JSON ({exc}); move it away and calibrate again") from None
+    if not isinstance(record, dict) or record.get("format_version") != RECORD_VERSION:
+        raise CalibrationError(f"{path} is not a calibration record of format_version {RECORD_VERSION}; move it away")
+    return record
+
+
+def _held_out(options: CalibrationOptions, manifest: Manifest, export_dir: Path) -> data.CalibrationSet | None:
+    if not options.evaluate:
+        return None
+    try:
+        if options.eval_images is not None:
+            return data.from_images(data.list_images(options.eval_images, "--eval-images"), manifest, export_dir)
+        photos = evaluate.skimage_photos()
+        return None if photos is None else data.from_arrays(photos, manifest, export_dir)
+    except CalibrationError:
+        raise
+    except UserError as exc:  # the runtime's one-line InputError for a bad photo
+        raise CalibrationError(f"--eval-images: {exc}") from None
+
+
+def _pipeline(export_dir: Path):
+    from runtime.pipeline import Pipeline
+
+    return Pipeline.load(export_dir)
+
+
+def _calibration_feeds(export_dir: Path, manifest: Manifest, roles: dict[str, str], calibration: data.CalibrationSet,
+                       pipe, prompt: str) -> dict[str, dict[str, np.ndarray]]:
+    """Each graph's calibration inputs: pixels for the vision graph, the fp32 graphs' outputs downstream."""
+    vision = manifest.graphs[graph_names(manifest)["vision"]]
+    feeds = {"vision": {vision.inputs[0].name: calibration.pixel_values}}
+    if "projector" not in roles and "llm" not in roles:
+        return {r: feeds[r] for r in roles}
+    session = evaluate.session(export_dir / vision.file)
+    outs = [session.run(["image_features", "keep_indices"], {vision.inputs[0].name: calibration.pixel_values[i:i + 1]})
+            for i in range(len(calibration.pixel_values))]
+    feeds["projector"] = {"image_features": np.concatenate([o[0] for o in outs]),
+                          "keep_indices": np.concatenate([o[1] for o in outs])}
+    if "llm" in roles:
+        projector = evaluate.session(export_dir / manifest.graphs["projector"].file)
+        embeds = projector.run(None, feeds["projector"])[0]  # [S, K, D]
+        layout = pipe.layouts[data.IMAGE_MODALITY]
+        starts = np.concatenate([[0], np.cumsum(calibration.tiles)])
+        visual = [layout.assemble(embeds[a:b], feeds["projector"]["keep_indices"][a:b], tuple(size))
+                  for a, b, size in zip(starts[:-1], starts[1:], calibration.sizes)]
+        feeds["llm"] = data.llm_feeds(pipe, visual, prompt)
+    return {r: feeds[r] for r in roles}
+
+
+def _overlap(calibration: data.CalibrationSet, held_out: data.CalibrationSet) -> list[str]:
+    """Held-out photos whose pixels are also in the calibration set (then they are not held out)."""
+    seen = {row.tobytes() for row in calibration.pixel_values}
+    starts = np.concatenate([[0], np.cumsum(held_out.tiles)])
+    return [name for name, a, b in zip(held_out.names, starts[:-1], starts[1:])
+            if any(row.tobytes() in seen for row in held_out.pixel_values[a:b])]
+
+
+def _entry(options: CalibrationOptions, manifest: Manifest, calibration: data.CalibrationSet, npz_name: str,
+           npz_sha: str, graphs: dict, metrics: dict | None) -> dict:
+    sm = TARGETS.get(options.target) if options.target else None
+    return {
+        "precision": options.precision,
+        "target": options.target,
+        "target_compute_capability": ".".join(map(str, sm)) if sm else None,
+        "tool": f"nvidia-modelopt {_version('nvidia-modelopt')}: modelopt.onnx.quantization.quantize",
+        "settings": {
+            "calibration_method": options.calibration_method,
+            "op_types_to_quantize": list(nodes.LINEAR_OPS),
+            "nodes_to_quantize": "the linear layers listed per graph under 'quantized'",
+            "high_precision_dtype": "fp32",
+            "calibration_eps": ["cpu"],
+        },
+        "calibration_data": {
+            "file": npz_name,
+            "sha256": npz_sha,
+            "images": list(calibration.names),
+            "sub_images": int(len(calibration.pixel_values)),
+            "llm_prompt": options.prompt if "llm" in graphs else None,
+        },
+        "export": {"directory": str(Path(options.export_dir).resolve()),
+                   "manifest_sha256": data.sha256_file(Path(options.export_dir) / MANIFEST_FILE),
+                   "model": manifest.source.get("model"), "keep": manifest.method.keep},
+        "graphs": graphs,
+        "metrics": metrics,
+        "versions": {"prunevlm": TOOLKIT_VERSION, "onnx": onnx.__version__, "onnxruntime": _version("onnxruntime")},
+    }
+
+
+def _notes(manifest: Manifest) -> list[str]:
+    notes = [
+        "Q/DQ graphs for TensorRT (explicit quantization; TensorRT 10 and 11 build them). Only Linear layers are "
+        "quantized; see each graph's 'excluded' and 'kept_float_by_op_type' for what stays fp32 and why.",
+        "metrics: ONNX Runtime on CPU, fp32 vs quantized graphs on held-out photos; FP8 graphs run there only "
+        "with graph optimizations off (simulated): their latency says nothing about a GPU.",
+    ]
+    if _random_weights(str(manifest.source.get("model", ""))):
+        notes.append(
+            f"model {manifest.source.get('model')!r} has random weights (attention sharpened by "
+            "export.synthetic.sharpen_attention so the [CLS] ranking is not flat): these metrics check the "
+            "quantization pipeline, not a trained model's accuracy."
+        )
+    return notes
+
+
+def _random_weights(model: str) -> bool:
+    """A built-in random-weight checkpoint: exported by name (`--model tiny`) or from its cache directory
+    (`~/.cache/prunevlm/llava15-0.1.0-tiny`, what the test fixtures pass). The manifest has no flag for it."""
+    path = Path(model)
+    return model in RANDOM_WEIGHT_MODELS or (
+        path.parent.name == "prunevlm" and path.name.rsplit("-", 1)[-1] in RANDOM_WEIGHT_MODELS
+    )
+
+
+def _install(tmp: Path, out: Path, files: list[Path], record: dict) -> None:
+    """Rename finished files into `out`, calibration.json last. Files they replace are first moved aside
+    into `tmp`; if any step fails, the new files are removed and the old ones put back, so `out` holds
+    either the previous state or the new one. Then calibration sets no entry refers to are deleted."""
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    aside = tmp / "replaced"
+    aside.mkdir()
+    moved: list[str] = []
+    try:
+        for path in [*files, tmp / RECORD_FILE]:
+            if (out / path.name).exists():
+                os.replace(out / path.name, aside / path.name)
+            moved.append(path.name)
+            os.replace(path, out / path.name)
+    except BaseException:
+        for name in reversed(moved):
+            (out / name).unlink(missing_ok=True)
+            if (aside / name).exists():
+                os.replace(aside / name, out / name)
+        raise
+    used = {e["calibration_data"]["file"] for e in record.values() if isinstance(e, dict) and "calibration_data" in e}
+    for stale in out.glob("calibration-*.npz"):
+        if stale.name not in used:
+            stale.unlink()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Log:
+    """Progress lines with elapsed time, on stderr (stdout is for the results table)."""
+
+    def __init__(self, verbose: bool = False, stream=None):
+        self.verbose = verbose
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {text}", file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        began = time.perf_counter()
+        self.say(f"{text} ...")
+        yield
+        self.say(f"{text}: done in {time.perf_counter() - began:.1f}s")
