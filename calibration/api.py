@@ -36,7 +36,6 @@ from runtime.manifest import MANIFEST_FILE, TOOLKIT_VERSION, Manifest
 RECORD_FILE = "calibration.json"
 RECORD_VERSION = 1
 ROLES = ("vision", "projector", "llm")
-RANDOM_WEIGHT_MODELS = ("tiny", "bench")  # export --model names of the built-in random-weight checkpoints
 
 
 def run(options: CalibrationOptions, log: "Log | None" = None) -> dict:
@@ -248,22 +247,13 @@ def _notes(manifest: Manifest) -> list[str]:
         "metrics: ONNX Runtime on CPU, fp32 vs quantized graphs on held-out photos; FP8 graphs run there only "
         "with graph optimizations off (simulated): their latency says nothing about a GPU.",
     ]
-    if _random_weights(str(manifest.source.get("model", ""))):
+    if manifest.source.get("random_weights"):
         notes.append(
             f"model {manifest.source.get('model')!r} has random weights (attention sharpened by "
             "export.synthetic.sharpen_attention so the [CLS] ranking is not flat): these metrics check the "
             "quantization pipeline, not a trained model's accuracy."
         )
     return notes
-
-
-def _random_weights(model: str) -> bool:
-    """A built-in random-weight checkpoint: exported by name (`--model tiny`) or from its cache directory
-    (`~/.cache/prunevlm/llava15-0.1.0-tiny`, what the test fixtures pass). The manifest has no flag for it."""
-    path = Path(model)
-    return model in RANDOM_WEIGHT_MODELS or (
-        path.parent.name == "prunevlm" and path.name.rsplit("-", 1)[-1] in RANDOM_WEIGHT_MODELS
-    )
 
 
 def _install(tmp: Path, out: Path, files: list[Path], record: dict) -> None:

@@ -24,12 +24,16 @@ class Subcommand:
 
 def _subcommands() -> dict[str, Subcommand]:
     """The table. Modules are imported here, not at the top, so a broken one cannot hide the others' help."""
-    from engines import lint
+    from engines import build, check, lint
 
     return {
         "lint": Subcommand("check every graph of an export against TensorRT's documented ONNX support "
                            "(runs anywhere; exit 1 when TensorRT would reject a graph)",
                            lint.add_arguments, lint.run),
+        "build": Subcommand("build one TensorRT engine per graph into EXPORT_DIR/engines (needs tensorrt and a GPU; "
+                            "up-to-date engines are kept)", build.add_arguments, build.run),
+        "check": Subcommand("compare every engine with ONNX Runtime on real photos through Polygraphy (max/mean "
+                            "errors, top-k as sets)", check.add_arguments, check.run),
     }
 
 

@@ -19,7 +19,8 @@ def parser() -> ArgumentParser:
     )
     p.add_argument("family", help=f"model family: {', '.join(sorted(FAMILIES))}")
     p.add_argument("--keep", type=int, required=True, metavar="K",
-                   help="visual tokens kept per image (LLaVA-1.5: 1..576; 576 = no pruning; the paper uses 144/58/29)")
+                   help="visual tokens kept per image, tile or frame (llava15 / llava-next: 1..576, 576 = no pruning, "
+                   "the paper uses 144/58/29; video-llava: 1..256 per frame, the paper uses 64/26/13)")
     p.add_argument("--model", default=None,
                    help="checkpoint: a local HF directory, an HF id already in the local cache, 'tiny' "
                    "(built-in random-weight model, offline) or 'bench' (larger random model); default: the family's "
@@ -35,6 +36,9 @@ def parser() -> ArgumentParser:
                    help="visual-token layout: llava-next: 'fastervlm' (fixed 672x672, 2x2 tiles + base, K per "
                    "sub-image, the paper's protocol; default when pruning) or 'hf' (the released model's anyres "
                    "layout with unpadding and newline tokens; unpruned only, default at K=576)")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or float16: fp16 graphs with fp32 "
+                   "islands (LayerNorm, Softmax, the [CLS]-score path, RMSNorm, rotary angles) and fp32 inputs/outputs, "
+                   "validated against PyTorch with looser tolerances; what TensorRT 11 builds FP16 engines from")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         options = ExportOptions(
             family=args.family, keep=args.keep, model=args.model, out=args.out, force=args.force,
             validate=args.validate, opset=args.opset, max_seq_len=args.max_seq_len, layout=args.layout,
+            dtype=args.dtype,
         )
         from export.api import run as export  # heavy (transformers, onnx): only once the options are valid
 

@@ -17,7 +17,7 @@ from export.families import FAMILIES
 from export.spec import ExportOptions
 from runtime.errors import ExportError
 from runtime.layout import UNPRUNED_ONLY
-from runtime.manifest import LLMSpec, Manifest, PromptSpec, TOOLKIT_VERSION
+from runtime.manifest import LLMSpec, Manifest, PromptSpec
 
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDINGS_FILE = "embed_tokens.npy"
@@ -55,8 +55,7 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
         raise ExportError(f"output directory {str(out)!r} already exists; pass --force to replace it")
     model_name = options.model or family.DEFAULT_MODEL
     # Everything the user chose is checked before the first progress line: bad input gets one line, the error.
-    path = checkpoints.resolve(model_name, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}",
-                               step=progress.step)
+    path = checkpoints.for_family(family, model_name, step=progress.step)
     config = family.read_config(path)
     method = family.method_spec(config, options.keep)
     layout = options.layout or family.default_layout(method.keep, method.num_patches)
@@ -91,7 +90,8 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
 
     specs = {}
     all_checks = []
-    for graph in family.graphs(model, method):
+    exports = family.graphs(model, method)
+    for graph in exports:
         with progress.step(f"exporting {graph.name} graph"):
             specs[graph.name] = onnx_io.export_graph(graph, directory, options.opset)
         if options.validate:
@@ -107,6 +107,10 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
                 f"validation failed: {c.graph} output {c.output!r} differs from PyTorch by {c.max_diff:.3g} "
                 f"({c.limit}) on input {c.case}; nothing was written"
             )
+    if options.dtype == "float16":  # the validated fp32 graphs -> fp16 with fp32 islands, validated again
+        from export import precision
+
+        specs = precision.run(directory, exports, specs, options.validate, progress)
 
     text_decoder, lm_head = family.decoder(model)
     _, dims = llm.llm_spec(text_decoder, lm_head, specs["llm"].file)
@@ -131,8 +135,9 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         graphs=specs,
         source={
             "model": model_name,
+            "random_weights": checkpoints.has_random_weights(model.config),
             "opset": options.opset,
-            "dtype": "float32",
+            "dtype": options.dtype,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },

@@ -5,6 +5,7 @@ exactly like a real checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -67,8 +68,18 @@ def _from_hub_cache(model_id: str, builtins: list[str], step: Step) -> Path:
     )
 
 
+def for_family(family, model: str, step: Step = contextlib.nullcontext) -> Path:
+    """`resolve` with a family module's built-in models, cached per family and toolkit version."""
+    from runtime.manifest import TOOLKIT_VERSION
+
+    return resolve(model, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}", step=step)
+
+
+SYNTHETIC_VERSION = 2  # bump when the built-in checkpoints change, so cached ones are rebuilt
+
+
 def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -> Path:
-    target = CACHE_DIR / f"{key}-{name}"
+    target = CACHE_DIR / f"{key}-{name}-v{SYNTHETIC_VERSION}"
     if (target / "config.json").is_file():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -76,6 +87,7 @@ def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -
     try:
         with step(f"building the built-in {name!r} checkpoint"):
             build(tmp)
+        _mark_random_weights(tmp / "config.json")
         try:
             tmp.rename(target)
         except OSError:  # another process built it first
@@ -84,3 +96,17 @@ def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+RANDOM_WEIGHTS_KEY = "prunevlm_random_weights"
+
+
+def _mark_random_weights(config_file: Path) -> None:
+    """Record in the checkpoint itself that its weights are random, so every export of it says so."""
+    config = json.loads(config_file.read_text())
+    config[RANDOM_WEIGHTS_KEY] = True
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def has_random_weights(config) -> bool:
+    return bool(getattr(config, RANDOM_WEIGHTS_KEY, False))

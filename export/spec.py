@@ -21,6 +21,7 @@ class ExportOptions:
     opset: int = 18  # ONNX opset of the graphs
     max_seq_len: int | None = None  # None: the LLM's max_position_embeddings
     layout: str | None = None  # token layout (family-specific, e.g. llava-next: fastervlm | hf); None: default
+    dtype: str = "float32"  # "float16": fp16 graphs with fp32 islands and fp32 inputs/outputs (export/precision.py)
 
     def __post_init__(self) -> None:
         if self.keep < 1:
@@ -29,6 +30,8 @@ class ExportOptions:
             raise ExportError(f"--opset {self.opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ExportError(f"--max-seq-len {self.max_seq_len} is too small; use at least the prompt length")
+        if self.dtype not in ("float32", "float16"):
+            raise ExportError(f"--dtype {self.dtype!r} is not supported; use float32 or float16")
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out is not None else Path("exports") / f"{self.family}-k{self.keep}"

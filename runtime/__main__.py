@@ -30,6 +30,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
     p.add_argument("--seed", type=int, default=None, help="random seed for --sample")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or trt: the TensorRT engines "
+                   "built by `python -m engines build EXPORT_DIR`")
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, kept indices, timings)")
     p.add_argument("--save-kept", type=Path, default=None, metavar="PNG",
                    help="save the image as the model saw it, with the kept patches outlined and the rest dimmed")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.export_dir, threads=args.threads)
+    pipe = Pipeline.load(args.export_dir, backend=args.backend, threads=args.threads)
     modality, source = ("video", args.video) if args.video is not None else ("image", args.image)
     if modality not in pipe.manifest.modalities:
         raise InputError(f"--{modality}: the export in {str(args.export_dir)!r} ({pipe.manifest.family}) takes "

@@ -23,6 +23,9 @@ from runtime.manifest import Manifest
 from runtime.layout import make_layout
 from runtime.prompt import render_chat_template, user_message
 
+# Pipeline.load's backend names -> backend. TensorRT's module is imported only when it is asked for.
+BACKENDS = {"onnxruntime": "onnxruntime", "ort": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt"}
+
 
 @dataclass
 class Timings:
@@ -102,13 +105,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
-             threads: int = 0) -> "Pipeline":
+             threads: int = 0, cuda_graphs: bool = False) -> "Pipeline":
         """Load an export directory. backend: 'onnxruntime' (CPU by default, CUDA when onnxruntime-gpu is
-        installed). Every file is checked against the manifest before any session starts."""
+        installed) or 'trt' (the TensorRT engines in DIR/engines, see runtime/backends/tensorrt.py;
+        cuda_graphs: replay captured CUDA graphs). Every file is checked before any session starts."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
-        if backend not in ("onnxruntime", "ort"):
-            raise InputError(f"backend {backend!r} is not available; use 'onnxruntime'")
+        if backend not in BACKENDS:
+            raise InputError(f"backend {backend!r} is not available; use 'onnxruntime' or 'trt'")
         needed = {"llm"} | {g for m in manifest.modalities.values() for g in (m.graph, m.projector)}
         for name in sorted(needed):
             if name not in manifest.graphs:
@@ -117,6 +121,10 @@ class Pipeline:
         for name in (manifest.prompt.tokenizer, manifest.llm.embeddings):
             if not (directory / name).is_file():
                 raise ManifestError(f"{directory / name} is missing: the export directory is incomplete, re-export it")
+        if BACKENDS[backend] == "tensorrt":  # engines of `python -m engines build`; stale or foreign ones refused
+            from runtime.backends.tensorrt import TrtPipeline
+
+            return TrtPipeline.from_engines(directory, manifest, cuda_graphs)
         # Only the LLM graph runs back to back (decode steps); the others run once per query.
         runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name == "llm")).activate()
                    for name, spec in manifest.graphs.items()}
@@ -138,7 +146,7 @@ class Pipeline:
         for other in self.manifest.modalities.values():
             if other.placeholder in prompt:
                 raise InputError(f"the prompt contains the placeholder {other.placeholder!r}; the {modality} is added for you")
-        messages = [{"role": "user", "content": [{"type": spec.content_type}, {"type": "text", "text": prompt}]}]
+        messages = user_message(prompt, content_type=spec.content_type)
         text = render_chat_template(self.manifest.prompt.chat_template, messages, **self.manifest.prompt.special_tokens)
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
         if ids.count(spec.placeholder_id) != 1:

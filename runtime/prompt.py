@@ -27,11 +27,12 @@ from runtime.errors import InputError, ManifestError
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
-def user_message(prompt: str, num_images: int = 1) -> list[dict[str, Any]]:
-    """A one-turn conversation: `num_images` image blocks, then the text, the order LLaVA's processor uses."""
+def user_message(prompt: str, num_images: int = 1, content_type: str = "image") -> list[dict[str, Any]]:
+    """A one-turn conversation: `num_images` blocks of `content_type` ("image", "video"), then the text, the
+    order LLaVA's processor uses."""
     if num_images < 0:
         raise InputError(f"num_images must be 0 or more, got {num_images}")
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+    content: list[dict[str, Any]] = [{"type": content_type} for _ in range(num_images)]
     content.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": content}]
 

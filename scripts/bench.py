@@ -123,11 +123,10 @@ def worker_hf(args) -> dict:
 
     from export import checkpoints
     from export.families import FAMILIES
-    from runtime.manifest import TOOLKIT_VERSION
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     family = FAMILIES[args.family]
-    path = checkpoints.resolve(args.model, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}")
+    path = checkpoints.for_family(family, args.model)
     model, processor = family.load(path)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], add_generation_prompt=True
@@ -164,12 +163,10 @@ def worker_topk(args) -> dict:
 
     import numpy as np
     import onnxruntime as ort
-    import torch
 
     from export import checkpoints, onnx_io
     from export.families import FAMILIES, llava15
     from export.graph import GraphExport
-    from runtime.manifest import TOOLKIT_VERSION
 
     class FeaturesOnly(llava15.VisionGraph):
         def forward(self, pixel_values):
@@ -179,7 +176,7 @@ def worker_topk(args) -> dict:
             return hidden[:, 1:]
 
     family = FAMILIES[args.family]
-    path = checkpoints.resolve(args.model, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}")
+    path = checkpoints.for_family(family, args.model)
     model, _ = family.load(path)
     full = family.graphs(model, family.method_spec(model.config, args.keep))[0]
     plain = GraphExport("vision_features", FeaturesOnly(full.module.tower, len(full.module.layers), args.keep),
@@ -279,12 +276,11 @@ def main() -> None:
     manifest = json.loads((args.work / f"{args.family}-{args.model}-k{args.keeps[0]}" / "manifest.json").read_text())
     from export import checkpoints
     from export.families import FAMILIES
-    from runtime.manifest import TOOLKIT_VERSION
     from transformers import AutoConfig
 
     family = FAMILIES[args.family]
     text = AutoConfig.from_pretrained(
-        checkpoints.resolve(args.model, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}")).get_text_config()
+        checkpoints.for_family(family, args.model)).get_text_config()
     llm = dict(manifest["llm"], intermediate_size=text.intermediate_size)
     report = summarize(rows, topk, llm, args)
     print(report["table"])

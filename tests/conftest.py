@@ -30,9 +30,8 @@ def photos() -> dict[str, np.ndarray]:
 def tiny_checkpoint():
     from export import checkpoints
     from export.families import llava15
-    from runtime.manifest import TOOLKIT_VERSION
 
-    return checkpoints.resolve("tiny", llava15.SYNTHETIC, key=f"llava15-{TOOLKIT_VERSION}")
+    return checkpoints.for_family(llava15, "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +60,17 @@ def tiny_export(tmp_path_factory, tiny_checkpoint):
         return made[keep]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp16(tmp_path_factory, tiny_checkpoint):
+    """The tiny checkpoint exported at K=32 with --dtype float16 (fp16 graphs, fp32 islands and inputs/outputs)."""
+    from export.api import Progress, run
+    from export.spec import ExportOptions
+
+    out = tmp_path_factory.mktemp("exports-fp16") / "k32"
+    options = ExportOptions("llava15", 32, model=str(tiny_checkpoint), out=out, dtype="float16")
+    return run(options, Progress(stream=open("/dev/null", "w")))
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import torch
 
 from export import checkpoints, reference
 from export.families import llava_next
-from runtime.manifest import TOOLKIT_VERSION
 from runtime.pipeline import Timings
 from tests.conftest import PROMPTS
 from tests.export.test_llava15_parity import NEW_TOKENS, assert_same_generation, hf_inputs
@@ -22,7 +21,7 @@ FASTERVLM_PINPOINTS = [llava_next.FASTERVLM_RESOLUTION]
 
 @pytest.fixture(scope="module")
 def next_checkpoint():
-    return checkpoints.resolve("tiny", llava_next.SYNTHETIC, key=f"{llava_next.NAME}-{TOOLKIT_VERSION}")
+    return checkpoints.for_family(llava_next, "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from PIL import Image
 from export import checkpoints, onnx_io, reference
 from export.families import video_llava
 from runtime.errors import InputError
-from runtime.manifest import TOOLKIT_VERSION
 from runtime.pipeline import Pipeline, Timings
 from tests.conftest import PROMPTS
 from tests.export.test_llava15_parity import NEW_TOKENS, assert_same_generation
@@ -38,7 +37,7 @@ UNPRUNED = 256  # 16x16 patches of a 224 px frame
 
 @pytest.fixture(scope="module")
 def hf():
-    path = checkpoints.resolve("tiny", video_llava.SYNTHETIC, key=f"{video_llava.NAME}-{TOOLKIT_VERSION}")
+    path = checkpoints.for_family(video_llava, "tiny")
     model, processor = video_llava.load(path)
     processor.tokenizer.padding_side = "left"
     return path, model, processor
