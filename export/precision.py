@@ -220,28 +220,12 @@ class Fp16Check:
 def validate(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(1, 2)) -> list[Fp16Check]:
     """The fp16 graph (ONNX Runtime, CPU) against the fp32 PyTorch module on the exporter's own validation
     inputs: float outputs within FP16_ATOL + FP16_RTOL * max|ref|, top-k sets agreeing >= MIN_TOPK_AGREEMENT."""
-    import torch
+    from export.onnx_io import paired_outputs
 
-    from runtime.backends.onnxruntime import OrtRunner
-
-    checks = []
-    names = [t.name for t in spec.outputs]
-    with OrtRunner(directory, spec, providers=["CPUExecutionProvider"]) as runner:
-        for seed in seeds:
-            feeds = graph.example(seed)
-            case = "x".join(str(s) for s in feeds[spec.inputs[0].name].shape)
-            with torch.no_grad():
-                expected = graph.module(*(feeds[t.name] for t in spec.inputs))
-            expected = (expected,) if isinstance(expected, torch.Tensor) else expected
-            got = runner.infer({k: v.numpy() for k, v in feeds.items()})
-            for name, ref in zip(names, (e.numpy() for e in expected)):
-                value = got[name]
-                where = graph.compared(feeds, name) if graph.compared else None
-                if where is not None:
-                    mask = np.broadcast_to(np.asarray(where), ref.shape)
-                    value, ref = value[mask], ref[mask]
-                checks.append(_check(graph.name, name, case, value, ref, name in graph.set_outputs))
-    return checks
+    return [
+        _check(graph.name, name, case, value, ref, name in graph.set_outputs)
+        for case, name, value, ref in paired_outputs(graph, directory, spec, seeds)
+    ]
 
 
 def _check(graph: str, name: str, case: str, got: np.ndarray, ref: np.ndarray, is_set: bool) -> Fp16Check:

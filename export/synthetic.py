@@ -49,3 +49,27 @@ def sharpen_attention(layers, factor: float) -> None:
         for layer in layers:
             layer.self_attn.q_proj.weight.mul_(factor)
             layer.self_attn.k_proj.weight.mul_(factor)
+
+
+# Sizes of the built-in models, shared by every family (the families differ in structure, not in size).
+SIZES = {
+    # Small enough for tests: a few seconds to export, a few MB of weights besides the vocabulary.
+    "tiny": (
+        dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    # Benchmark size: the real token counts and roughly LLaVA-1.5's LLM:vision compute ratio (~25:1), small
+    # enough that one full LLaVA-1.5 prefill takes a few seconds on a 2-core CPU.
+    "bench": (
+        dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
+        dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+             num_key_value_heads=16),
+    ),
+}
+
+
+def builders(build, seed: int) -> dict:
+    """{"tiny": fn(directory), "bench": fn(directory)} from a family's `build(directory, *, vision, text, seed)`."""
+    from functools import partial
+
+    return {name: partial(build, vision=vision, text=text, seed=seed) for name, (vision, text) in SIZES.items()}

@@ -92,30 +92,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     processor.save_pretrained(directory)
 
 
-def build_tiny(directory: Path) -> None:
-    """Small enough for tests: a few seconds to export, a few MB of weights besides the vocabulary."""
-    _build_synthetic(
-        directory,
-        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-        seed=0,
-    )
-
-
-def build_bench(directory: Path) -> None:
-    """Benchmark size: LLaVA-1.5's token counts and roughly its LLM:vision compute ratio (~25:1),
-    small enough that one full prefill takes a few seconds on a 2-core CPU."""
-    _build_synthetic(
-        directory,
-        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
-        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
-                  num_key_value_heads=16),
-        seed=0,
-    )
-
-
-SYNTHETIC = {"tiny": build_tiny, "bench": build_bench}
+SYNTHETIC = synthetic.builders(_build_synthetic, seed=0)
 
 
 # --- graphs --------------------------------------------------------------------------------------------

@@ -82,28 +82,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     processor.save_pretrained(directory)
 
 
-def build_tiny(directory: Path) -> None:
-    _build_synthetic(
-        directory,
-        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-        seed=1,
-    )
-
-
-def build_bench(directory: Path) -> None:
-    """LLaVA-1.5's bench model, NeXT-shaped: 2880 visual tokens per image in the fastervlm layout."""
-    _build_synthetic(
-        directory,
-        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
-        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
-                  num_key_value_heads=16),
-        seed=1,
-    )
-
-
-SYNTHETIC = {"tiny": build_tiny, "bench": build_bench}
+SYNTHETIC = synthetic.builders(_build_synthetic, seed=1)
 
 
 def read_config(path: Path):

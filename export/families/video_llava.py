@@ -120,29 +120,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def build_tiny(directory: Path) -> None:
-    """Small enough for tests: a few seconds to export."""
-    _build_synthetic(
-        directory,
-        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-        seed=2,
-    )
-
-
-def build_bench(directory: Path) -> None:
-    """Benchmark size: Video-LLaVA's token counts (8 x 257 unpruned) with LLaVA-1.5's bench LLM and towers."""
-    _build_synthetic(
-        directory,
-        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
-        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
-                  num_key_value_heads=16),
-        seed=2,
-    )
-
-
-SYNTHETIC = {"tiny": build_tiny, "bench": build_bench}
+SYNTHETIC = synthetic.builders(_build_synthetic, seed=2)
 
 
 # --- checkpoint -------------------------------------------------------------------------------------
