@@ -73,3 +73,29 @@ def builders(build, seed: int) -> dict:
     from functools import partial
 
     return {name: partial(build, vision=vision, text=text, seed=seed) for name, (vision, text) in SIZES.items()}
+
+
+def tower_configs(tokenizer, vision: dict, text: dict, image_size: int, max_positions: int):
+    """(CLIP vision config, Llama text config) of a built-in model, the LLM's vocabulary from `tokenizer`."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision_config = CLIPVisionConfig(image_size=image_size, patch_size=14, hidden_act="quick_gelu", **vision)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max_positions, **text,
+    )
+    return vision_config, text_config
+
+
+def save_random_model(model_class, config, tokenizer, directory: Path, seed: int, towers) -> None:
+    """Seeded random weights, sharpened vision attention (`towers(model)` lists the CLIP towers), the
+    tokenizer's EOS/pad in the generation config, saved with `save_pretrained`."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    for tower in towers(model):
+        sharpen_attention(tower.encoder.layers, factor=8.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)

@@ -44,8 +44,6 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     -2), a Llama LLM with grouped-query attention, SmolLM2's real tokenizer, the LLaVA-1.5 chat template."""
     from transformers import (
         CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -54,15 +52,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     tokenizer = synthetic.smollm2_tokenizer([IMAGE_TOKEN])
     tokenizer.padding_side = "left"
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision_config = CLIPVisionConfig(image_size=336, patch_size=14, hidden_act="quick_gelu", **vision)
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=4096,
-        **text,
-    )
+    vision_config, text_config = synthetic.tower_configs(tokenizer, vision, text, image_size=336, max_positions=4096)
     config = LlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -72,12 +62,8 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
         projector_hidden_act="gelu",
         image_seq_length=576,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    synthetic.sharpen_attention(model.model.vision_tower.encoder.layers, factor=8.0)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
+    synthetic.save_random_model(LlavaForConditionalGeneration, config, tokenizer, directory, seed,
+                                lambda model: [model.model.vision_tower])
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from export import synthetic
 from export.families import llava15
@@ -42,8 +41,6 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     """A LLaVA-NeXT-shaped checkpoint with random weights (CLIP 336/14, feature layer -2, Llama with
     grouped-query attention, the default anyres pinpoints), SmolLM2's real tokenizer."""
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
@@ -52,11 +49,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
 
     tokenizer = synthetic.smollm2_tokenizer([llava15.IMAGE_TOKEN])
     tokenizer.padding_side = "left"
-    vision_config = CLIPVisionConfig(image_size=336, patch_size=14, hidden_act="quick_gelu", **vision)
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=8192, **text,
-    )
+    vision_config, text_config = synthetic.tower_configs(tokenizer, vision, text, image_size=336, max_positions=8192)
     config = LlavaNextConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -65,12 +58,8 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    synthetic.sharpen_attention(model.model.vision_tower.encoder.layers, factor=8.0)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
+    synthetic.save_random_model(LlavaNextForConditionalGeneration, config, tokenizer, directory, seed,
+                                lambda model: [model.model.vision_tower])
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
         image_grid_pinpoints=config.image_grid_pinpoints,

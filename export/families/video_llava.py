@@ -81,16 +81,12 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     """A Video-LLaVA-shaped checkpoint with random weights: two CLIP 224/14 towers (256 patches + [CLS],
     feature layer -2, sharpened attention), a Llama LLM, SmolLM2's tokenizer with <image> and <video>, and
     the processor files a released checkpoint has (written directly: see `Processor`)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
     from transformers import VideoLlavaImageProcessor
 
     tokenizer = synthetic.smollm2_tokenizer([IMAGE_TOKEN, VIDEO_TOKEN])
     tokenizer.padding_side = "left"
-    vision_config = CLIPVisionConfig(image_size=224, patch_size=14, hidden_act="quick_gelu", **vision)
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=4096, **text,
-    )
+    vision_config, text_config = synthetic.tower_configs(tokenizer, vision, text, image_size=224, max_positions=4096)
     config = VideoLlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -100,13 +96,8 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(config).eval()
-    for tower in (model.model.image_tower, model.model.video_tower):
-        synthetic.sharpen_attention(tower.encoder.layers, factor=8.0)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
+    synthetic.save_random_model(VideoLlavaForConditionalGeneration, config, tokenizer, directory, seed,
+                                lambda model: [model.model.image_tower, model.model.video_tower])
     tokenizer.save_pretrained(directory)
     image_processor = VideoLlavaImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     image_processor.save_pretrained(directory)
