@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from calibration.options import DEFAULT_GRAPHS, DEFAULT_PROMPT, CalibrationOptions
-from runtime.cli import ArgumentParser, run
+from contract import names
+from contract.cli import ArgumentParser, run
 
 AGREEMENT_TARGET = 0.90  # the bar for top-k agreement at K=32 on real photos
 
@@ -95,8 +96,8 @@ def table(entry: dict) -> str:
         f"{'embedding cosine, rows as fed to the LLM':<40} {metrics['embed_cosine_rows']['mean']:>8.4f} "
         f"{metrics['embed_cosine_rows']['min']:>8.4f}",
     ]
-    if "llm" in metrics:
-        llm = metrics["llm"]
+    if names.LLM in metrics:
+        llm = metrics[names.LLM]
         lines.append(f"{'llm prefill logits cosine':<40} {llm['logits_cosine']['mean']:>8.4f} {llm['logits_cosine']['min']:>8.4f}")
         lines.append(f"{'llm next token same as fp32':<40} {llm['top1_agreement']:>8.4f}")
     if "latency_ms" in metrics:

@@ -29,13 +29,13 @@ import onnx
 
 from calibration import data, evaluate, nodes, ptq
 from calibration.options import TARGETS, CalibrationError, CalibrationOptions
-from runtime.backends.onnxruntime import check_files
-from runtime.errors import UserError
-from runtime.manifest import MANIFEST_FILE, TOOLKIT_VERSION, Manifest
+from contract import names
+from contract.errors import UserError
+from contract.manifest import MANIFEST_FILE, TOOLKIT_VERSION, Manifest, check_files
 
 RECORD_FILE = "calibration.json"
 RECORD_VERSION = 1
-ROLES = ("vision", "projector", "llm")
+ROLES = (names.VISION, names.PROJECTOR, names.LLM)  # --graphs: the image modality's graphs and the LLM
 
 
 def run(options: CalibrationOptions, log: "Log | None" = None) -> dict:
@@ -44,15 +44,15 @@ def run(options: CalibrationOptions, log: "Log | None" = None) -> dict:
     log = log or Log()
     export_dir = Path(options.export_dir)
     manifest = Manifest.read(export_dir)
-    names = graph_names(manifest)
+    graph_of = graph_names(manifest)
     roles = _roles(manifest, options.graphs)
-    for graph in sorted({*roles.values(), names["vision"], names["projector"]}):
+    for graph in sorted({*roles.values(), graph_of[names.VISION], graph_of[names.PROJECTOR]}):
         if graph not in manifest.graphs:
             raise CalibrationError(f"the manifest in {str(export_dir)!r} has no {graph!r} graph")
         check_files(export_dir, manifest.graphs[graph])
     out = options.out_dir()
     record = _read_record(out)
-    input_shape = manifest.graphs[names["vision"]].inputs[0].shape
+    input_shape = manifest.graphs[graph_of[names.VISION]].inputs[0].shape
     calibration = data.build(options.images, options.calibration_data, manifest, export_dir, input_shape)
     held_out = _held_out(options, manifest, export_dir)
     ptq.require_modelopt()
@@ -66,12 +66,13 @@ def run(options: CalibrationOptions, log: "Log | None" = None) -> dict:
         npz_sha = data.write_npz(calibration, tmp / "calibration.npz")
         npz_name = f"calibration-{npz_sha[:12]}.npz"
         os.replace(tmp / "calibration.npz", tmp / npz_name)
-        pipe = _pipeline(export_dir) if "llm" in roles else None
+        pipe = _pipeline(export_dir) if names.LLM in roles else None
         feeds = _calibration_feeds(export_dir, manifest, roles, calibration, pipe, options.prompt)
         graphs, files = _quantize(options, export_dir, manifest, roles, feeds, tmp, log)
         metrics = None
         if held_out is not None:
-            pairs = {role: (export_dir / manifest.graphs[names[role]].file,) * 2 for role in ("vision", "projector")}
+            pairs = {role: (export_dir / manifest.graphs[graph_of[role]].file,) * 2
+                     for role in (names.VISION, names.PROJECTOR)}
             pairs.update({role: (export_dir / graphs[role]["source"], tmp / graphs[role]["file"]) for role in roles})
             with log.step(f"measuring on {len(held_out.names)} held-out photos"):
                 metrics = evaluate.measure(export_dir, manifest, pipe, pairs, options.precision == "fp8", held_out,
@@ -97,7 +98,7 @@ def _quantize(options: CalibrationOptions, export_dir: Path, manifest: Manifest,
     for role, graph in roles.items():
         source = export_dir / manifest.graphs[graph].file
         out_name = f"{Path(source.name).stem}.{options.precision}.onnx"
-        vocab = manifest.llm.vocab_size if role == "llm" else None
+        vocab = manifest.llm.vocab_size if role == names.LLM else None
         plan = nodes.plan(onnx.load(str(source), load_external_data=False), vocab)
         work = tmp / role
         work.mkdir()
@@ -122,11 +123,11 @@ def _quantize(options: CalibrationOptions, export_dir: Path, manifest: Manifest,
 
 
 def graph_names(manifest: Manifest) -> dict[str, str]:
-    """Graph role -> graph name in the manifest. The vision graph is the one the image modality uses."""
-    modalities = getattr(manifest, "modalities", {})
-    if data.IMAGE_MODALITY not in modalities:
-        raise CalibrationError(f"this export has no {data.IMAGE_MODALITY!r} modality; calibration needs photos")
-    return {"vision": modalities[data.IMAGE_MODALITY].graph, "projector": "projector", "llm": "llm"}
+    """Graph role -> graph name in the manifest: the image modality's vision and projector graphs, the LLM."""
+    image = manifest.modalities.get(names.IMAGE)
+    if image is None:
+        raise CalibrationError(f"this export has no {names.IMAGE!r} modality; calibration needs photos")
+    return {names.VISION: image.vision, names.PROJECTOR: image.projector, names.LLM: names.LLM}
 
 
 def _roles(manifest: Manifest, graphs: tuple[str, ...]) -> dict[str, str]:
@@ -181,23 +182,24 @@ def _pipeline(export_dir: Path):
 def _calibration_feeds(export_dir: Path, manifest: Manifest, roles: dict[str, str], calibration: data.CalibrationSet,
                        pipe, prompt: str) -> dict[str, dict[str, np.ndarray]]:
     """Each graph's calibration inputs: pixels for the vision graph, the fp32 graphs' outputs downstream."""
-    vision = manifest.graphs[graph_names(manifest)["vision"]]
-    feeds = {"vision": {vision.inputs[0].name: calibration.pixel_values}}
-    if "projector" not in roles and "llm" not in roles:
+    graph_of = graph_names(manifest)
+    vision = manifest.graphs[graph_of[names.VISION]]
+    feeds = {names.VISION: {vision.inputs[0].name: calibration.pixel_values}}
+    if names.PROJECTOR not in roles and names.LLM not in roles:
         return {r: feeds[r] for r in roles}
     session = evaluate.session(export_dir / vision.file)
-    outs = [session.run(["image_features", "keep_indices"], {vision.inputs[0].name: calibration.pixel_values[i:i + 1]})
+    outs = [session.run([names.IMAGE_FEATURES, names.KEEP_INDICES], {vision.inputs[0].name: calibration.pixel_values[i:i + 1]})
             for i in range(len(calibration.pixel_values))]
-    feeds["projector"] = {"image_features": np.concatenate([o[0] for o in outs]),
-                          "keep_indices": np.concatenate([o[1] for o in outs])}
-    if "llm" in roles:
-        projector = evaluate.session(export_dir / manifest.graphs["projector"].file)
-        embeds = projector.run(None, feeds["projector"])[0]  # [S, K, D]
-        layout = pipe.layouts[data.IMAGE_MODALITY]
+    feeds[names.PROJECTOR] = {names.IMAGE_FEATURES: np.concatenate([o[0] for o in outs]),
+                          names.KEEP_INDICES: np.concatenate([o[1] for o in outs])}
+    if names.LLM in roles:
+        projector = evaluate.session(export_dir / manifest.graphs[graph_of[names.PROJECTOR]].file)
+        embeds = projector.run(None, feeds[names.PROJECTOR])[0]  # [S, K, D]
+        layout = pipe.layouts[names.IMAGE]
         starts = np.concatenate([[0], np.cumsum(calibration.tiles)])
-        visual = [layout.assemble(embeds[a:b], feeds["projector"]["keep_indices"][a:b], tuple(size))
+        visual = [layout.assemble(embeds[a:b], feeds[names.PROJECTOR][names.KEEP_INDICES][a:b], tuple(size))
                   for a, b, size in zip(starts[:-1], starts[1:], calibration.sizes)]
-        feeds["llm"] = data.llm_feeds(pipe, visual, prompt)
+        feeds[names.LLM] = data.llm_feeds(pipe, visual, prompt)
     return {r: feeds[r] for r in roles}
 
 
@@ -229,7 +231,7 @@ def _entry(options: CalibrationOptions, manifest: Manifest, calibration: data.Ca
             "sha256": npz_sha,
             "images": list(calibration.names),
             "sub_images": int(len(calibration.pixel_values)),
-            "llm_prompt": options.prompt if "llm" in graphs else None,
+            "llm_prompt": options.prompt if names.LLM in graphs else None,
         },
         "export": {"directory": str(Path(options.export_dir).resolve()),
                    "manifest_sha256": data.sha256_file(Path(options.export_dir) / MANIFEST_FILE),

@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from calibration.options import CalibrationError
-from runtime.errors import UserError
+from contract import names
+from contract.layouts import layout_to_dict
+from contract.errors import UserError
+from contract.manifest import Manifest
+from contract.positions import prefill_position_ids
 from runtime.layout import make_layout
-from runtime.manifest import Manifest
 
-IMAGE_MODALITY = "image"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry: no clock in the file
-_KEYS = {"pixel_values", "names", "tiles", "sizes", "spec"}
+_KEYS = {names.PIXEL_VALUES, "names", "tiles", "sizes", "spec"}
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,14 @@ class CalibrationSet:
     spec: str  # JSON of the preprocessing spec and layout these pixels were made with
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"pixel_values": self.pixel_values, "names": np.asarray(self.names, dtype=str),
+        return {names.PIXEL_VALUES: self.pixel_values, "names": np.asarray(self.names, dtype=str),
                 "tiles": self.tiles, "sizes": self.sizes, "spec": np.asarray([self.spec])}  # 1-d: npz has no 0-d str
 
 
 def image_spec(manifest: Manifest) -> str:
     """What the pixels depend on besides the photos: the image modality's preprocessing and layout."""
-    modality = manifest.modalities[IMAGE_MODALITY]
-    return json.dumps({"preprocess": modality.preprocess, "layout": modality.layout}, sort_keys=True)
+    modality = manifest.modalities[names.IMAGE]
+    return json.dumps({"preprocess": modality.preprocess, "layout": layout_to_dict(modality.layout)}, sort_keys=True)
 
 
 def list_images(directory: Path, what: str = "--images") -> list[Path]:
@@ -64,7 +66,7 @@ def list_images(directory: Path, what: str = "--images") -> list[Path]:
 
 def from_images(paths: list[Path], manifest: Manifest, export_dir: Path) -> CalibrationSet:
     """Preprocess photos through the runtime's layout for images. A bad file raises InputError naming it."""
-    layout = make_layout(manifest.modalities[IMAGE_MODALITY], manifest, Path(export_dir))
+    layout = make_layout(manifest.modalities[names.IMAGE], manifest, Path(export_dir))
     pixels, sizes = [], []
     for path in paths:
         tiles, size = layout.tiles(path)  # [S, 3, H, W], (height, width)
@@ -81,7 +83,7 @@ def from_images(paths: list[Path], manifest: Manifest, export_dir: Path) -> Cali
 
 def from_arrays(images: dict[str, np.ndarray], manifest: Manifest, export_dir: Path) -> CalibrationSet:
     """Same as `from_images` for in-memory HxWx3 uint8 photos (the held-out evaluation set)."""
-    layout = make_layout(manifest.modalities[IMAGE_MODALITY], manifest, Path(export_dir))
+    layout = make_layout(manifest.modalities[names.IMAGE], manifest, Path(export_dir))
     cut = [layout.tiles(array) for array in images.values()]
     return CalibrationSet(
         pixel_values=np.concatenate([t for t, _ in cut]).astype(np.float32, copy=False),
@@ -119,7 +121,7 @@ def read_npz(path: Path, manifest: Manifest, input_shape: tuple) -> CalibrationS
         raise CalibrationError(
             f"--calibration-data {str(path)!r} has arrays {sorted(arrays)}; a calibration set has {sorted(_KEYS)}"
         )
-    pixels, spec = arrays["pixel_values"], str(arrays["spec"].reshape(-1)[0]) if arrays["spec"].size == 1 else ""
+    pixels, spec = arrays[names.PIXEL_VALUES], str(arrays["spec"].reshape(-1)[0]) if arrays["spec"].size == 1 else ""
     if spec != image_spec(manifest):
         raise CalibrationError(
             f"--calibration-data {str(path)!r} was preprocessed for another model (its preprocessing spec or "
@@ -159,9 +161,9 @@ def llm_feeds(pipe, visual: list[np.ndarray], prompt: str) -> dict[str, np.ndarr
     embeds, mask = pipe.splice([ids] * len(visual), visual)  # [B, S, D], [B, S]
     llm = pipe.manifest.llm
     feeds = {
-        "inputs_embeds": embeds,
-        "attention_mask": mask,
-        "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64),  # as Generator.prefill
+        names.INPUTS_EMBEDS: embeds,
+        names.ATTENTION_MASK: mask,
+        names.POSITION_IDS: prefill_position_ids(mask),
     }
     empty = np.zeros((len(visual), llm.num_kv_heads, 0, llm.head_dim), np.float32)
     for layer in range(llm.num_layers):

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from calibration import data
+from contract import names
 from runtime.layout import make_layout
 
 # scikit-image's real photographs, none of which the tests calibrate on (chelsea() and cat() are the same
@@ -59,13 +60,13 @@ def measure(export_dir: Path, manifest, pipe, graphs: dict[str, tuple[Path, Path
         sides[role] = (base, session(quant, fp8) if quant != fp32 else base)
     vision_input = sides["vision"][0].get_inputs()[0].name
     starts = np.concatenate([[0], np.cumsum(held_out.tiles)])
-    layout = make_layout(manifest.modalities[data.IMAGE_MODALITY], manifest, Path(export_dir))
+    layout = make_layout(manifest.modalities[names.IMAGE], manifest, Path(export_dir))
     agreement, shared, rows, visual = [], [], [], ([], [])
     for image in range(len(held_out.names)):
         pixels = held_out.pixel_values[starts[image]:starts[image + 1]]  # [S, 3, H, W]
         for side in (0, 1):
-            feats, kept = sides["vision"][side].run(["image_features", "keep_indices"], {vision_input: pixels})
-            embeds = sides["projector"][side].run(None, {"image_features": feats, "keep_indices": kept})[0]
+            feats, kept = sides["vision"][side].run([names.IMAGE_FEATURES, names.KEEP_INDICES], {vision_input: pixels})
+            embeds = sides["projector"][side].run(None, {names.IMAGE_FEATURES: feats, names.KEEP_INDICES: kept})[0]
             visual[side].append(layout.assemble(embeds, kept, tuple(held_out.sizes[image])))
             if side == 0:
                 kept_a, embeds_a = kept, embeds
@@ -79,9 +80,9 @@ def measure(export_dir: Path, manifest, pipe, graphs: dict[str, tuple[Path, Path
         "embed_cosine_shared": _summary(shared, held_out.names),
         "embed_cosine_rows": _summary(rows, held_out.names),
     }
-    if "llm" in sides:
-        logits = [sides["llm"][side].run(["logits"], data.llm_feeds(pipe, visual[side], prompt))[0] for side in (0, 1)]
-        metrics["llm"] = {
+    if names.LLM in sides:
+        logits = [sides[names.LLM][side].run([names.LOGITS], data.llm_feeds(pipe, visual[side], prompt))[0] for side in (0, 1)]
+        metrics[names.LLM] = {
             "prompt": prompt,
             "logits_cosine": _summary(_cosine(*logits), held_out.names),
             "top1_agreement": float(np.mean(logits[0].argmax(-1) == logits[1].argmax(-1))),

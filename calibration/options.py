@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import UserError
+from contract.errors import UserError
 
 PRECISIONS = ("int8", "fp8")
 # GPU families a Q/DQ graph is meant for, with their compute capability. FP8 tensor cores start at SM 8.9

@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module and gives two functions: `add_arguments(parser)` and `run(args) -> int`
 (the exit code). Adding one (build, check) is one import and one line in SUBCOMMANDS; errors a user can
-cause are UserErrors, turned into one line and exit code 2 by runtime.cli.run (a traceback with --debug).
+cause are UserErrors, turned into one line and exit code 2 by contract.cli.run (a traceback with --debug).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from runtime.cli import ArgumentParser, run
+from contract.cli import ArgumentParser, run
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract import engine_meta
+from contract.errors import ManifestError
+from contract.manifest import TOOLKIT_VERSION, Manifest, check_files
 from engines import trtexec
 from engines.plan import LINT_TARGET, PRECISIONS, TRT_VERSIONS, BuildError, BuildOptions, GraphPlan, plan
-from runtime import engine_meta
-from runtime.backends.onnxruntime import check_files
-from runtime.errors import ManifestError
-from runtime.manifest import TOOLKIT_VERSION, Manifest
 
 NO_TENSORRT = ("python -m engines build needs TensorRT's Python package, and `import tensorrt` failed: on Jetson it "
                "comes with JetPack 6.1+ (apt install python3-libnvinfer), elsewhere pip install tensorrt; "

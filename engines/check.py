@@ -29,14 +29,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from contract import engine_meta, names
+from contract.errors import InputError
+from contract.manifest import Manifest
+from contract.positions import prefill_position_ids
 from export.precision import MIN_TOPK_AGREEMENT, topk_agreement
-from runtime import engine_meta
-from runtime.errors import InputError
-from runtime.manifest import Manifest
 
 # (atol, rtol) per engine precision, Polygraphy's element-wise test: |a - b| <= atol or |a - b| / |b| <= rtol.
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2), "int8": (2e-1, 1e-1), "fp8": (2e-1, 1e-1)}
-SET_OUTPUTS = ("keep_indices",)
+SET_OUTPUTS = (names.KEEP_INDICES,)
 PROMPT = "Describe the image in detail."
 
 
@@ -84,25 +85,24 @@ def feeds(export_dir: Path, photos: dict[str, object], prompt: str = PROMPT) -> 
                 pixels = pipe.layouts[name].tiles(photo)[0]  # [S, 3, H, W]: the layout's own tiles
             else:  # a video modality: the photo as one frame
                 pixels = preprocess([load_image(photo)], modality.preprocess)
-            vision = pipe.runners[modality.graph].infer({"pixel_values": pixels})
-            out.setdefault(modality.graph, []).append({"pixel_values": pixels})
-            projector = modality.layout.get("projector", "projector")
-            out.setdefault(projector, []).append({k: vision[k] for k in ("image_features", "keep_indices")})
+            vision = pipe.runners[modality.vision].infer({names.PIXEL_VALUES: pixels})
+            out.setdefault(modality.vision, []).append({names.PIXEL_VALUES: pixels})
+            out.setdefault(modality.projector, []).append({k: vision[k] for k in (names.IMAGE_FEATURES, names.KEEP_INDICES)})
     image = next((m for m, s in manifest.modalities.items() if s.content_type == "image"), None)
     for photo in photos.values() if image else ():
         ids = [pipe.prompt_ids(prompt, image)]
         visual, _ = pipe.encode([photo], image, Timings())
         embeds, mask = pipe.splice(ids, visual, image)
         state, logits = pipe.generator.prefill(embeds, mask)
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+        positions = prefill_position_ids(mask)
         empty = {k: np.zeros_like(v.numpy()[:, :, :0]) for k, v in state.cache.values.items()}
         out.setdefault("llm.prefill", []).append(
-            {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **empty})
+            {names.INPUTS_EMBEDS: embeds, names.ATTENTION_MASK: mask, names.POSITION_IDS: positions, **empty})
         token = logits.argmax(axis=-1)
         out.setdefault("llm.decode", []).append({
-            "inputs_embeds": pipe.generator.embeddings[token][:, None, :].astype(np.float32),
-            "attention_mask": np.concatenate([mask, np.ones((len(token), 1), np.int64)], axis=1),
-            "position_ids": state.next_position[:, None],
+            names.INPUTS_EMBEDS: pipe.generator.embeddings[token][:, None, :].astype(np.float32),
+            names.ATTENTION_MASK: np.concatenate([mask, np.ones((len(token), 1), np.int64)], axis=1),
+            names.POSITION_IDS: state.next_position[:, None],
             **{k: v.numpy() for k, v in state.cache.values.items()}})
     return out
 

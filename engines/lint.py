@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from contract.errors import ManifestError
+from contract.manifest import Manifest
 from engines.trt_onnx_ops import DATA_DEPENDENT_SHAPE_OPS, ONNX_TO_TRT, TARGET_NAMES, TARGETS, Target
-from runtime.errors import ManifestError
-from runtime.manifest import Manifest
 
 if TYPE_CHECKING:
     import numpy as np

@@ -36,9 +36,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.errors import UserError
+from contract.manifest import Manifest
 from engines import trtexec
-from runtime.errors import UserError
-from runtime.manifest import Manifest, ModalitySpec
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 TRT_VERSIONS = ("auto", "10", "11")
@@ -113,21 +113,6 @@ class GraphPlan:
                 "workspace_mib": build.workspace_mib, "tensorrt_major": major}
 
 
-def sub_images(modality: ModalitySpec) -> int:
-    """Sub-images the vision graph encodes per item under this modality's layout."""
-    layout = modality.layout
-    name = layout.get("name")
-    if name == "single":
-        return 1
-    if name == "frames":
-        return int(layout["num_frames"])
-    if name == "anyres_fastervlm":
-        return (layout["resolution"][0] // layout["tile"]) * (layout["resolution"][1] // layout["tile"]) + 1
-    if name == "anyres_hf":
-        return max((h // layout["tile"]) * (w // layout["tile"]) for h, w in layout["grid_pinpoints"]) + 1
-    raise BuildError(f"layout {name!r} is unknown to engines.plan: cannot size the vision graph's batch")
-
-
 def graph_sizes(manifest: Manifest, options: BuildOptions) -> dict[str, trtexec.Sizes]:
     """engines.trtexec.Sizes per graph: the batch scaled by sub-images for the graphs that see them."""
     longest = manifest.llm.max_seq_len
@@ -135,12 +120,8 @@ def graph_sizes(manifest: Manifest, options: BuildOptions) -> dict[str, trtexec.
     if max_seq_len > longest:
         raise BuildError(f"--max-seq-len {max_seq_len} is more than this export handles ({longest}); "
                          "re-export with a larger --max-seq-len")
-    per_graph: dict[str, int] = {}
-    for modality in manifest.modalities.values():
-        count = sub_images(modality)
-        for graph in (modality.graph, modality.layout.get("projector", "projector")):
-            per_graph[graph] = max(per_graph.get(graph, 1), count)
-    visual = max(manifest.method.keep * sub_images(m) for m in manifest.modalities.values())
+    per_graph = manifest.sub_images()
+    visual = max(manifest.method.keep * m.layout.sub_images for m in manifest.modalities.values())
     seq_len = min(visual + TEXT_TOKENS, max_seq_len - 1)
     return {name: trtexec.Sizes(batch=per_graph.get(name, 1), max_batch=options.max_batch * per_graph.get(name, 1),
                                 seq_len=seq_len, max_seq_len=max_seq_len)
@@ -161,7 +142,7 @@ def profiles(spec, sizes: trtexec.Sizes) -> tuple[Profile, ...]:
 
 def plan(manifest: Manifest, options: BuildOptions, major: int) -> list[GraphPlan]:
     """One GraphPlan per graph of the manifest, for TensorRT `major` (10 or 11)."""
-    dtype = manifest.source.get("dtype", "float32")
+    dtype = manifest.precision
     directory = options.export_dir
     sizes = graph_sizes(manifest, options)
     if options.precision == "fp32" and dtype != "float32":

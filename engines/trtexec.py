@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from runtime.errors import InputError, ManifestError
-from runtime.manifest import BATCH, PAST, SEQUENCE, TOTAL, GraphSpec
+from contract.errors import InputError, ManifestError
+from contract.manifest import GraphSpec
+from contract.names import BATCH, PAST, SEQUENCE, TOTAL
 
 MAJORS = (10, 11)
 PHASES = ("prefill", "decode")

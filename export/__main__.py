@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from runtime.cli import ArgumentParser, run
+from contract.cli import ArgumentParser, run
 
 
 def parser() -> ArgumentParser:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import names
+from contract.errors import ExportError
+from contract.manifest import LLMSpec, Manifest, PromptSpec
 from export import checkpoints, llm, onnx_io
 from export.families import FAMILIES
 from export.spec import ExportOptions
-from runtime.errors import ExportError
-from runtime.layout import UNPRUNED_ONLY
-from runtime.manifest import LLMSpec, Manifest, PromptSpec
 
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDINGS_FILE = "embed_tokens.npy"
@@ -61,8 +61,8 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     layout = options.layout or family.default_layout(method.keep, method.num_patches)
     if layout not in family.LAYOUTS:
         raise ExportError(f"--layout {layout!r} is not one of {family.NAME}'s layouts: {', '.join(family.LAYOUTS)}")
-    if family.LAYOUTS[layout] in UNPRUNED_ONLY and method.keep != method.num_patches:
-        others = [name for name, runtime_name in family.LAYOUTS.items() if runtime_name not in UNPRUNED_ONLY]
+    if family.LAYOUTS[layout].unpruned_only and method.keep != method.num_patches:
+        others = [name for name, spec in family.LAYOUTS.items() if not spec.unpruned_only]
         raise ExportError(
             f"--layout {layout} places every patch and works without pruning only: use --keep {method.num_patches}, "
             f"or --layout {' / '.join(others)} to prune"
@@ -113,7 +113,7 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         specs = precision.run(directory, exports, specs, options.validate, progress)
 
     text_decoder, lm_head = family.decoder(model)
-    _, dims = llm.llm_spec(text_decoder, lm_head, specs["llm"].file)
+    _, dims = llm.llm_spec(text_decoder, lm_head, specs[names.LLM].file)
     np.save(directory / EMBEDDINGS_FILE, text_decoder.embed_tokens.weight.detach().float().numpy())
     prompt = _save_tokenizer(processor, directory)
     text_config = model.config.get_text_config()
@@ -133,11 +133,11 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         llm=LLMSpec(**dims, max_seq_len=max_seq_len, embeddings=EMBEDDINGS_FILE, eos_token_ids=eos_ids,
                     pad_token_id=int(pad)),
         graphs=specs,
+        precision=options.dtype,
         source={
             "model": model_name,
             "random_weights": checkpoints.has_random_weights(model.config),
             "opset": options.opset,
-            "dtype": options.dtype,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },

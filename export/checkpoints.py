@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, ContextManager
 
-from runtime.errors import ExportError
+from contract.errors import ExportError
 
 CACHE_DIR = Path(os.environ.get("PRUNEVLM_CACHE", Path.home() / ".cache" / "prunevlm"))
 
@@ -70,7 +70,7 @@ def _from_hub_cache(model_id: str, builtins: list[str], step: Step) -> Path:
 
 def for_family(family, model: str, step: Step = contextlib.nullcontext) -> Path:
     """`resolve` with a family module's built-in models, cached per family and toolkit version."""
-    from runtime.manifest import TOOLKIT_VERSION
+    from contract.manifest import TOOLKIT_VERSION
 
     return resolve(model, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}", step=step)
 

@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import nn
 
-from runtime.manifest import GraphSpec
+from contract.manifest import GraphSpec
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.errors import ExportError
-from export.graph import GraphExport, Tolerance
-from runtime.manifest import (
-    BATCH, PAST, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, SEQUENCE, TOTAL, GraphSpec, TensorSpec,
+from contract import names
+from contract.errors import ExportError
+from contract.manifest import (
+    BATCH,
+    PAST,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    SEQUENCE,
+    TOTAL,
+    GraphSpec,
+    TensorSpec,
 )
+from export.graph import GraphExport, Tolerance
 
 
 class _GraphCache:
@@ -104,11 +114,11 @@ def llm_spec(decoder: nn.Module, lm_head: nn.Module, file: str, dtype: str = "fl
     num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
     inputs = [
-        TensorSpec("inputs_embeds", dtype, (BATCH, SEQUENCE, cfg.hidden_size)),
-        TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
-        TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
+        TensorSpec(names.INPUTS_EMBEDS, dtype, (BATCH, SEQUENCE, cfg.hidden_size)),
+        TensorSpec(names.ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+        TensorSpec(names.POSITION_IDS, "int64", (BATCH, SEQUENCE)),
     ]
-    outputs = [TensorSpec("logits", "float32", (BATCH, lm_head.out_features))]
+    outputs = [TensorSpec(names.LOGITS, "float32", (BATCH, lm_head.out_features))]
     for i in range(len(decoder.layers)):
         for pattern in (PAST_KEY, PAST_VALUE):
             inputs.append(TensorSpec(pattern.format(i), dtype, (BATCH, num_kv, PAST, head_dim)))
@@ -132,11 +142,11 @@ def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4,
     feeds = {}
     for t in spec.inputs:
         shape = [sizes.get(d, d) for d in t.shape]
-        if t.name == "attention_mask":
+        if t.name == names.ATTENTION_MASK:
             mask = torch.ones(shape, dtype=torch.int64)
             mask[0, : min(2, past + seq - 1)] = 0  # left padding in the first row
             feeds[t.name] = mask
-        elif t.name == "position_ids":
+        elif t.name == names.POSITION_IDS:
             feeds[t.name] = torch.arange(past, past + seq).expand(batch, seq).contiguous()
         else:
             feeds[t.name] = torch.randn(shape, generator=gen, dtype=getattr(torch, t.dtype))
@@ -145,9 +155,9 @@ def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4,
 
 def graph_export(decoder: nn.Module, lm_head: nn.Module, spec: GraphSpec) -> GraphExport:
     tolerances = {t.name: Tolerance(1e-4, 1e-4) for t in spec.outputs}
-    tolerances["logits"] = Tolerance(1e-3, 1e-3)
+    tolerances[names.LOGITS] = Tolerance(1e-3, 1e-3)
     return GraphExport(
-        "llm", DecoderGraph(decoder, lm_head).eval(), spec,
+        names.LLM, DecoderGraph(decoder, lm_head).eval(), spec,
         lambda seed: example_inputs(spec, *EXAMPLE_SIZES[seed % len(EXAMPLE_SIZES)], seed=seed), tolerances,
         compared=_cache_positions_in_use,
     )
@@ -157,7 +167,7 @@ def _cache_positions_in_use(feeds: dict, name: str):
     """KV-cache entries at left-padding positions are never attended to; compare only the others."""
     if not name.startswith("present."):
         return None
-    return feeds["attention_mask"].numpy().astype(bool)[:, None, :, None]  # [B, 1, P+S, 1]
+    return feeds[names.ATTENTION_MASK].numpy().astype(bool)[:, None, :, None]  # [B, 1, P+S, 1]
 
 
 # (batch, new tokens, past tokens) per example seed: the tracing case, then a prefill and a decode step.

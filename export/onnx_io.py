@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contract.errors import ExportError
+from contract.manifest import GraphSpec
 from export.graph import GraphExport
 from runtime.backends.onnxruntime import OrtRunner
-from runtime.errors import ExportError
-from runtime.manifest import GraphSpec
 
 
 def export_graph(graph: GraphExport, directory: Path, opset: int) -> GraphSpec:

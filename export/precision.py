@@ -40,8 +40,8 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
-from runtime.errors import ExportError
-from runtime.manifest import GraphSpec
+from contract.errors import ExportError
+from contract.manifest import GraphSpec
 
 if TYPE_CHECKING:  # export.graph imports torch; fp32_islands must not (engines.build uses it on Jetson)
     from export.graph import GraphExport

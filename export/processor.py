@@ -13,7 +13,7 @@ from transformers.image_processing_backends import PilBackend
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from runtime.errors import ExportError
+from contract.errors import ExportError
 
 # The methods that make up PilBackend's pipeline: a subclass that overrides one of them processes differently.
 _PIPELINE_METHODS = (

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from contract import names
 from export import pruning
 
 
@@ -43,13 +44,13 @@ def hf_selection(model, pixel_values: torch.Tensor, keep: int, tower=None) -> tu
 def pruned_inputs(model, inputs: dict, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HF processor outputs (one image per prompt, N image tokens each) -> inputs_embeds with K image tokens
     per prompt, the matching attention mask, and the kept indices [B, K]."""
-    features, indices = hf_selection(model, inputs["pixel_values"], keep)
+    features, indices = hf_selection(model, inputs[names.PIXEL_VALUES], keep)
     with torch.no_grad():
         image_embeds = model.model.multi_modal_projector(pruning.gather_tokens(features, indices))  # [B, K, D]
         embed = model.get_input_embeddings()
         image_id = model.config.image_token_id
         rows, masks = [], []
-        for ids, mask, image in zip(inputs["input_ids"], inputs["attention_mask"], image_embeds):
+        for ids, mask, image in zip(inputs["input_ids"], inputs[names.ATTENTION_MASK], image_embeds):
             is_image = ids == image_id
             first = int(is_image.nonzero()[0])
             keep_text = ~is_image

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import ExportError
+from contract.errors import ExportError
 
 OPSETS = range(17, 24)  # 17-20 suit TensorRT's parsers; 23 adds fused Attention/RMSNorm ops for ORT
 

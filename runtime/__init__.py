@@ -1,5 +1,5 @@
 """prunevlm runtime: runs an export directory with ONNX Runtime (no torch, no transformers)."""
 
-from runtime.errors import InputError, ManifestError, UserError
+from contract.errors import InputError, ManifestError, UserError
 
 __all__ = ["InputError", "ManifestError", "UserError"]

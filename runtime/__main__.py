@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.cli import ArgumentParser, run
-from runtime.errors import InputError
+from contract.cli import ArgumentParser, run
+from contract.errors import InputError
 
 
 def parser() -> ArgumentParser:

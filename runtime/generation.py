@@ -14,9 +14,11 @@ from typing import Iterator
 
 import numpy as np
 
+from contract import names
+from contract.errors import InputError
+from contract.manifest import LLMSpec
+from contract.positions import prefill_position_ids
 from runtime.backends.onnxruntime import OrtRunner
-from runtime.errors import InputError
-from runtime.manifest import LLMSpec
 
 
 @dataclass(frozen=True)
@@ -90,21 +92,21 @@ class Generator:
 
     def _forward(self, state: DecodeState, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         feeds = {
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": state.attention_mask,
-            "position_ids": position_ids,
+            names.INPUTS_EMBEDS: inputs_embeds,
+            names.ATTENTION_MASK: state.attention_mask,
+            names.POSITION_IDS: position_ids,
             **state.cache.values,
         }
         start = time.perf_counter()
         outputs = self.runner.infer_bound(feeds)
         state.graph_times.append(time.perf_counter() - start)
         state.cache.update(outputs, inputs_embeds.shape[1])
-        return outputs["logits"].numpy()  # [B, V]
+        return outputs[names.LOGITS].numpy()  # [B, V]
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> tuple[DecodeState, np.ndarray]:
         """inputs_embeds [B, S, D] (left-padded), attention_mask [B, S] -> state, next-token logits [B, V]."""
         batch = inputs_embeds.shape[0]
-        position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)  # as HF generate
+        position_ids = prefill_position_ids(attention_mask)
         state = DecodeState(
             cache=KVCache(self.llm, batch, inputs_embeds.dtype),
             attention_mask=attention_mask.astype(np.int64),

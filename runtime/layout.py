@@ -5,7 +5,7 @@ Each layout has `tiles(source) -> (pixel_values [S, 3, H, W], original (height, 
 
 The vision graph encodes sub-images and the projector graph maps each sub-image's kept tokens; a layout
 decides what the sub-images are and the order in which their tokens reach the LLM. Selected by the
-manifest's `modalities[...].layout["name"]`, never by model family.
+manifest's `modalities[...].layout` (a contract.layouts spec), never by model family.
 
     single             the image is one sub-image; its K kept tokens in raster order       (LLaVA-1.5)
     anyres_fastervlm   base image + a fixed grid of tiles, K kept per sub-image; base tokens first, then
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.errors import ManifestError
+from contract.manifest import Manifest, ModalitySpec
 from runtime import anyres
-from runtime.errors import ManifestError
-from runtime.manifest import Manifest, ModalitySpec
 from runtime.preprocess import ImageSource, load_image, preprocess
 from runtime.video import Frames
 
@@ -47,9 +47,9 @@ class AnyresFasterVLM:
 
     def __init__(self, modality: ModalitySpec, manifest: Manifest, directory: Path):
         self.spec = modality.preprocess
-        self.resolution = list(modality.layout["resolution"])  # [height, width] of the tiled image
-        self.tile = modality.layout["tile"]
-        self.rows, self.cols = self.resolution[0] // self.tile, self.resolution[1] // self.tile
+        self.resolution = list(modality.layout.resolution)  # [height, width] of the tiled image
+        self.tile = modality.layout.tile
+        self.rows, self.cols = modality.layout.grid
         self.patch_rows, self.patch_cols = manifest.method.grid
 
     def tiles(self, source: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
@@ -76,10 +76,10 @@ class AnyresHF:
         if manifest.method.keep != manifest.method.num_patches:  # the exporter refuses this; a hand-edited manifest
             raise ManifestError("layout anyres_hf needs every patch (keep == num_patches); re-export without pruning")
         self.spec = modality.preprocess
-        self.resolutions = [list(r) for r in modality.layout["grid_pinpoints"]]
-        self.tile = modality.layout["tile"]
+        self.resolutions = [list(r) for r in modality.layout.grid_pinpoints]
+        self.tile = modality.layout.tile
         self.patch_rows, self.patch_cols = manifest.method.grid
-        self.newline = np.load(directory / modality.layout["newline"])  # [D]
+        self.newline = np.load(directory / modality.layout.newline)  # [D]
 
     def tiles(self, source: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
         image = load_image(source)
@@ -109,12 +109,9 @@ def unpad(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return grid[:, pad:current_w - pad]
 
 
+# contract.layouts name -> the runtime's implementation; the contract's set is closed, so every name is here.
 LAYOUTS = {"single": Single, "anyres_fastervlm": AnyresFasterVLM, "anyres_hf": AnyresHF, "frames": Frames}
-UNPRUNED_ONLY = frozenset({"anyres_hf"})  # layouts that place every patch (keep == num_patches)
 
 
 def make_layout(modality: ModalitySpec, manifest: Manifest, directory: Path):
-    name = modality.layout.get("name")
-    if name not in LAYOUTS:
-        raise ManifestError(f"layout {name!r} is unknown to this runtime; it knows {sorted(LAYOUTS)}")
-    return LAYOUTS[name](modality, manifest, directory)
+    return LAYOUTS[modality.layout.name](modality, manifest, directory)

@@ -16,10 +16,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtime.backends.onnxruntime import OrtRunner, check_files
-from runtime.errors import InputError, ManifestError
+from contract import names
+from contract.errors import InputError, ManifestError
+from contract.manifest import Manifest, check_files
+from runtime.backends.onnxruntime import OrtRunner
 from runtime.generation import Generator, SamplingOptions
-from runtime.manifest import Manifest
 from runtime.layout import make_layout
 from runtime.prompt import render_chat_template, user_message
 
@@ -100,7 +101,7 @@ class Pipeline:
                 f"{manifest.llm.embeddings} has shape {embeddings.shape}, expected "
                 f"{(manifest.llm.vocab_size, manifest.llm.hidden_size)}: re-export"
             )
-        self.generator = Generator(runners["llm"], manifest.llm, np.asarray(embeddings))
+        self.generator = Generator(runners[names.LLM], manifest.llm, np.asarray(embeddings))
         self.layouts = {name: make_layout(m, manifest, directory) for name, m in manifest.modalities.items()}
 
     @classmethod
@@ -113,7 +114,7 @@ class Pipeline:
         manifest = Manifest.read(directory)
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r} is not available; use 'onnxruntime' or 'trt'")
-        needed = {"llm"} | {g for m in manifest.modalities.values() for g in (m.graph, m.projector)}
+        needed = {names.LLM} | {g for m in manifest.modalities.values() for g in m.graphs}
         for name in sorted(needed):
             if name not in manifest.graphs:
                 raise ManifestError(f"manifest in {directory} has no {name!r} graph")
@@ -126,7 +127,7 @@ class Pipeline:
 
             return TrtPipeline.from_engines(directory, manifest, cuda_graphs)
         # Only the LLM graph runs back to back (decode steps); the others run once per query.
-        runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name == "llm")).activate()
+        runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name == names.LLM)).activate()
                    for name, spec in manifest.graphs.items()}
         return cls(directory, manifest, runners)
 
@@ -162,19 +163,19 @@ class Pipeline:
         pixel_values = np.concatenate([pixels for pixels, _ in cut])  # [sum S, 3, H, W]
         timings.preprocess += time.perf_counter() - start
         start = time.perf_counter()
-        vision = self.runners[spec.graph].infer({"pixel_values": pixel_values})
+        vision = self.runners[spec.vision].infer({names.PIXEL_VALUES: pixel_values})
         timings.vision += time.perf_counter() - start
         start = time.perf_counter()
         projected = self.runners[spec.projector].infer(
-            {"image_features": vision["image_features"], "keep_indices": vision["keep_indices"]}
+            {names.IMAGE_FEATURES: vision[names.IMAGE_FEATURES], names.KEEP_INDICES: vision[names.KEEP_INDICES]}
         )
         timings.projector += time.perf_counter() - start
         tokens, kept, at = [], [], 0
         for pixels, size in cut:
             part = slice(at, at + len(pixels))
             at += len(pixels)
-            kept.append(vision["keep_indices"][part])
-            tokens.append(layout.assemble(projected["image_embeds"][part], kept[-1], size))
+            kept.append(vision[names.KEEP_INDICES][part])
+            tokens.append(layout.assemble(projected[names.IMAGE_EMBEDS][part], kept[-1], size))
         return tokens, kept
 
     def splice(self, prompt_ids: list[list[int]], visual: list[np.ndarray], modality: str = "image"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from runtime.errors import InputError, ManifestError
+from contract.errors import InputError, ManifestError
 
 MAX_PIXELS = 8192 * 8192
 """Largest accepted width * height. Below PIL's own decompression-bomb limit, so this check fires first."""

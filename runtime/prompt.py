@@ -21,7 +21,7 @@ import jinja2.parser
 import jinja2.runtime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from runtime.errors import InputError, ManifestError
+from contract.errors import InputError, ManifestError
 
 # Message fields a reasoning text may come under; transformers copies it to the first (and to "thinking").
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

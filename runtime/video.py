@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.manifest import Manifest, ModalitySpec
+from contract.errors import InputError
+from contract.manifest import Manifest, ModalitySpec
 from runtime.preprocess import ImageSource, load_image, preprocess
 
 VideoSource = str | Path | np.ndarray | Sequence[ImageSource]
@@ -139,7 +139,7 @@ class Frames:
 
     def __init__(self, modality: ModalitySpec, manifest: Manifest, directory: Path):
         self.spec = modality.preprocess
-        self.num_frames = int(modality.layout["num_frames"])
+        self.num_frames = modality.layout.num_frames
 
     def tiles(self, source: VideoSource) -> tuple[np.ndarray, tuple[int, int]]:
         frames = load_frames(source, self.num_frames)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime.errors import InputError
+from contract.errors import InputError
 
 
 def model_view(pixel_values: np.ndarray, spec: dict) -> Image.Image:

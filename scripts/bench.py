@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from contract import names
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -86,7 +88,7 @@ def _llava15_reference(model, processor, text: str, image, keep: int):
     t0 = time.perf_counter()
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     t1 = time.perf_counter()
-    features, indices = reference.hf_selection(model, inputs["pixel_values"], keep)
+    features, indices = reference.hf_selection(model, inputs[names.PIXEL_VALUES], keep)
     t2 = time.perf_counter()
     with torch.no_grad():
         model.model.multi_modal_projector(pruning.gather_tokens(features, indices))
@@ -108,7 +110,7 @@ def _llava_next_reference(model, processor, text: str, image, keep: int):
     inputs = processor(images=[image], text=[text], return_tensors="pt",
                        image_grid_pinpoints=[llava_next.FASTERVLM_RESOLUTION])
     t1 = time.perf_counter()
-    tokens, _ = reference.fastervlm_anyres_tokens(model, inputs["pixel_values"][0], keep, (2, 2))
+    tokens, _ = reference.fastervlm_anyres_tokens(model, inputs[names.PIXEL_VALUES][0], keep, (2, 2))
     t2 = time.perf_counter()
     embeds = reference.replace_placeholder_run(model, inputs["input_ids"][0], tokens)[None]
     # Selection and projection are timed together ("vision"): the reference projects before masking.
@@ -189,7 +191,7 @@ def worker_topk(args) -> dict:
             options = ort.SessionOptions()
             options.intra_op_num_threads = args.threads
             sessions[graph.name] = ort.InferenceSession(str(Path(tmp) / spec.file), options)
-        x = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, 336, 336), dtype=np.float32)}
+        x = {names.PIXEL_VALUES: np.random.default_rng(0).standard_normal((1, 3, 336, 336), dtype=np.float32)}
         times = {name: [] for name in sessions}
         for _ in range(2):
             for s in sessions.values():
@@ -274,14 +276,15 @@ def main() -> None:
         topk = run_worker("topk", args, keep=min(args.keeps))
 
     manifest = json.loads((args.work / f"{args.family}-{args.model}-k{args.keeps[0]}" / "manifest.json").read_text())
+    from transformers import AutoConfig
+
     from export import checkpoints
     from export.families import FAMILIES
-    from transformers import AutoConfig
 
     family = FAMILIES[args.family]
     text = AutoConfig.from_pretrained(
         checkpoints.for_family(family, args.model)).get_text_config()
-    llm = dict(manifest["llm"], intermediate_size=text.intermediate_size)
+    llm = dict(manifest[names.LLM], intermediate_size=text.intermediate_size)
     report = summarize(rows, topk, llm, args)
     print(report["table"])
     args.work.mkdir(parents=True, exist_ok=True)

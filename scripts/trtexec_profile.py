@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from contract.cli import ArgumentParser, run  # noqa: E402
+from contract.errors import InputError  # noqa: E402
+from contract.manifest import Manifest  # noqa: E402
 from engines import trtexec  # noqa: E402  (needs the repository root on sys.path)
-from runtime.cli import ArgumentParser, run  # noqa: E402
-from runtime.errors import InputError  # noqa: E402
-from runtime.manifest import Manifest  # noqa: E402
 
 
 def parser() -> ArgumentParser:

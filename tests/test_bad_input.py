@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from runtime.errors import InputError, ManifestError
+from contract.errors import InputError, ManifestError
 from runtime.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,7 +276,7 @@ DAMAGES = {
     ),
     "manifest-other-version": (
         lambda d: _edit_manifest(d, lambda m: m.update(format_version=1)),
-        ["{dir}/manifest.json", "format_version 1", "format_version 2", "re-export"],
+        ["{dir}/manifest.json", "format_version 1", "format_version 3", "re-export"],
     ),
     "manifest-missing": (lambda d: (d / "manifest.json").unlink(), ["{dir}/manifest.json", "missing"]),
     "embeddings-truncated": (

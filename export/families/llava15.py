@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contract import names
+from contract.errors import ExportError
+from contract.layouts import SingleLayout
+from contract.manifest import GraphSpec, MethodSpec, ModalitySpec, TensorSpec
+from contract.names import BATCH
 from export import llm, pruning, synthetic
 from export.graph import GraphExport, Tolerance
-from runtime.errors import ExportError
 from export.processor import preprocess_spec
-from runtime.manifest import BATCH, GraphSpec, MethodSpec, ModalitySpec, TensorSpec
 
 NAME = "llava15"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -215,43 +218,43 @@ def graphs(model, method: MethodSpec) -> list[GraphExport]:
     d = model.config.text_config.hidden_size
     vision_spec = GraphSpec(
         file="vision.onnx",
-        inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, vc.image_size, vc.image_size)),),
+        inputs=(TensorSpec(names.PIXEL_VALUES, "float32", (BATCH, 3, vc.image_size, vc.image_size)),),
         outputs=(
-            TensorSpec("image_features", "float32", (BATCH, n, c)),
-            TensorSpec("keep_indices", "int64", (BATCH, k)),
+            TensorSpec(names.IMAGE_FEATURES, "float32", (BATCH, n, c)),
+            TensorSpec(names.KEEP_INDICES, "int64", (BATCH, k)),
         ),
     )
     projector_spec = GraphSpec(
         file="projector.onnx",
-        inputs=(TensorSpec("image_features", "float32", (BATCH, n, c)), TensorSpec("keep_indices", "int64", (BATCH, k))),
-        outputs=(TensorSpec("image_embeds", "float32", (BATCH, k, d)),),
+        inputs=(TensorSpec(names.IMAGE_FEATURES, "float32", (BATCH, n, c)), TensorSpec(names.KEEP_INDICES, "int64", (BATCH, k))),
+        outputs=(TensorSpec(names.IMAGE_EMBEDS, "float32", (BATCH, k, d)),),
     )
 
     def vision_example(seed: int) -> dict:
         gen = torch.Generator().manual_seed(seed)
-        return {"pixel_values": torch.randn(2, 3, vc.image_size, vc.image_size, generator=gen)}
+        return {names.PIXEL_VALUES: torch.randn(2, 3, vc.image_size, vc.image_size, generator=gen)}
 
     def projector_example(seed: int) -> dict:
         gen = torch.Generator().manual_seed(seed)
         indices = torch.stack([torch.randperm(n, generator=gen)[:k].sort().values for _ in range(2)])
-        return {"image_features": torch.randn(2, n, c, generator=gen), "keep_indices": indices}
+        return {names.IMAGE_FEATURES: torch.randn(2, n, c, generator=gen), names.KEEP_INDICES: indices}
 
     text_decoder, lm_head = decoder(model)
     llm_graph_spec, _ = llm.llm_spec(text_decoder, lm_head, "llm.onnx")
     return [
         GraphExport(
-            "vision", VisionGraph(tower, feature, k).eval(), vision_spec, vision_example,
-            tolerances={"image_features": Tolerance(1e-4, 1e-4)}, set_outputs=("keep_indices",),
+            names.VISION, VisionGraph(tower, feature, k).eval(), vision_spec, vision_example,
+            tolerances={names.IMAGE_FEATURES: Tolerance(1e-4, 1e-4)}, set_outputs=(names.KEEP_INDICES,),
         ),
         GraphExport(
-            "projector", ProjectorGraph(model.model.multi_modal_projector).eval(), projector_spec,
-            projector_example, tolerances={"image_embeds": Tolerance(1e-4, 1e-4)},
+            names.PROJECTOR, ProjectorGraph(model.model.multi_modal_projector).eval(), projector_spec,
+            projector_example, tolerances={names.IMAGE_EMBEDS: Tolerance(1e-4, 1e-4)},
         ),
         llm.graph_export(text_decoder, lm_head, llm_graph_spec),
     ]
 
 
-LAYOUTS = {"single": "single"}
+LAYOUTS = {"single": SingleLayout}
 
 
 def default_layout(keep: int, num_patches: int) -> str:
@@ -266,8 +269,9 @@ def modalities(model, processor, method: MethodSpec, directory: Path, layout: st
             placeholder=token,
             placeholder_id=int(processor.tokenizer.convert_tokens_to_ids(token)),
             content_type="image",
-            graph="vision",
+            vision=names.VISION,
+            projector=names.PROJECTOR,
             preprocess=preprocess_spec(processor.image_processor),
-            layout={"name": "single"},
+            layout=SingleLayout(),
         )
     }

@@ -20,16 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import names
+from contract.errors import ExportError
+from contract.layouts import AnyresFasterVLMLayout, AnyresHFLayout
+from contract.manifest import MethodSpec, ModalitySpec
 from export import synthetic
 from export.families import llava15
 from export.processor import anyres_spec
-from runtime.errors import ExportError
-from runtime.manifest import MethodSpec, ModalitySpec
 
 NAME = "llava-next"
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
-FASTERVLM_RESOLUTION = [672, 672]  # the authors' fixed input: a 2x2 grid of 336 tiles
-LAYOUTS = {"fastervlm": "anyres_fastervlm", "hf": "anyres_hf"}
+FASTERVLM_RESOLUTION = (672, 672)  # the authors' fixed input: a 2x2 grid of 336 tiles
+LAYOUTS = {"fastervlm": AnyresFasterVLMLayout, "hf": AnyresHFLayout}  # --layout name -> contract.layouts
 NEWLINE_FILE = "image_newline.npy"
 
 
@@ -98,17 +100,18 @@ def modalities(model, processor, method: MethodSpec, directory: Path, layout: st
     if tile_spec["do_center_crop"] and tile_spec["crop_size"] != {"height": tile, "width": tile}:
         raise ExportError(f"the processor crops tiles to {tile_spec['crop_size']}, the vision tower takes {tile}")
     if layout == "fastervlm":
-        spec = {"name": LAYOUTS[layout], "resolution": FASTERVLM_RESOLUTION, "tile": tile}
+        spec = AnyresFasterVLMLayout(resolution=FASTERVLM_RESOLUTION, tile=tile)
     else:
         np.save(directory / NEWLINE_FILE, model.model.image_newline.detach().float().numpy())
-        spec = {"name": LAYOUTS[layout], "grid_pinpoints": pinpoints, "tile": tile, "newline": NEWLINE_FILE}
+        spec = AnyresHFLayout(grid_pinpoints=tuple(tuple(p) for p in pinpoints), tile=tile, newline=NEWLINE_FILE)
     token = processor.image_token
     return {
         "image": ModalitySpec(
             placeholder=token,
             placeholder_id=int(processor.tokenizer.convert_tokens_to_ids(token)),
             content_type="image",
-            graph="vision",
+            vision=names.VISION,
+            projector=names.PROJECTOR,
             preprocess=tile_spec,
             layout=spec,
         )

@@ -34,19 +34,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from contract import names
+from contract.errors import ExportError, ManifestError
+from contract.layouts import FramesLayout, SingleLayout
+from contract.manifest import GraphSpec, MethodSpec, ModalitySpec, TensorSpec
+from contract.names import BATCH
 from export import llm, pruning, synthetic
 from export.families import llava15
 from export.graph import GraphExport, Tolerance
-from runtime.errors import ExportError, ManifestError
-from runtime.manifest import BATCH, GraphSpec, MethodSpec, ModalitySpec, TensorSpec
 from runtime.preprocess import check_spec
 
 NAME = "video-llava"
 DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 NUM_FRAMES = 8  # Video-LLaVA's LanguageBind video tower was trained on 8 frames per clip
-LAYOUTS = {"frames": "frames"}  # the video's layout; images always use `single`
+LAYOUTS = {"frames": FramesLayout}  # the video's layout; images always use `single`
 VIDEO_CONFIG = "video_preprocessor_config.json"
+VIDEO_VISION, VIDEO_PROJECTOR = "video_vision", "video_projector"  # the video modality's graphs
 
 # The built-in models' template (a released checkpoint brings its own, read by `load`): llava-hf's LLaVA-1.5
 # template with a `video` block, rendering "USER: <video>\n{text} ASSISTANT:", the prompt format of
@@ -81,8 +85,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
     """A Video-LLaVA-shaped checkpoint with random weights: two CLIP 224/14 towers (256 patches + [CLS],
     feature layer -2, sharpened attention), a Llama LLM, SmolLM2's tokenizer with <image> and <video>, and
     the processor files a released checkpoint has (written directly: see `Processor`)."""
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
-    from transformers import VideoLlavaImageProcessor
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
 
     tokenizer = synthetic.smollm2_tokenizer([IMAGE_TOKEN, VIDEO_TOKEN])
     tokenizer.padding_side = "left"
@@ -213,47 +216,47 @@ def graphs(model, method: MethodSpec) -> list[GraphExport]:
     feature = llava15._feature_layer(model.config)
     n, k, c, d = method.num_patches, method.keep, vc.hidden_size, model.config.text_config.hidden_size
     side = vc.image_size
-    tol = {"image_features": Tolerance(1e-4, 1e-4)}
+    tol = {names.IMAGE_FEATURES: Tolerance(1e-4, 1e-4)}
 
     def vision(name: str, tower, rows: int, module_class) -> GraphExport:
         spec = GraphSpec(
             file=f"{name}.onnx",
-            inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, side, side)),),
-            outputs=(TensorSpec("image_features", "float32", (BATCH, rows, c)),
-                     TensorSpec("keep_indices", "int64", (BATCH, k))),
+            inputs=(TensorSpec(names.PIXEL_VALUES, "float32", (BATCH, 3, side, side)),),
+            outputs=(TensorSpec(names.IMAGE_FEATURES, "float32", (BATCH, rows, c)),
+                     TensorSpec(names.KEEP_INDICES, "int64", (BATCH, k))),
         )
 
         def example(seed: int) -> dict:
-            return {"pixel_values": torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(seed))}
+            return {names.PIXEL_VALUES: torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(seed))}
 
         return GraphExport(name, module_class(tower, feature, k).eval(), spec, example, tolerances=tol,
-                           set_outputs=("keep_indices",))
+                           set_outputs=(names.KEEP_INDICES,))
 
     def projector(name: str, rows: int, out: int, module: nn.Module) -> GraphExport:
         spec = GraphSpec(
             file=f"{name}.onnx",
-            inputs=(TensorSpec("image_features", "float32", (BATCH, rows, c)),
-                    TensorSpec("keep_indices", "int64", (BATCH, k))),
-            outputs=(TensorSpec("image_embeds", "float32", (BATCH, out, d)),),
+            inputs=(TensorSpec(names.IMAGE_FEATURES, "float32", (BATCH, rows, c)),
+                    TensorSpec(names.KEEP_INDICES, "int64", (BATCH, k))),
+            outputs=(TensorSpec(names.IMAGE_EMBEDS, "float32", (BATCH, out, d)),),
         )
 
         def example(seed: int) -> dict:
             gen = torch.Generator().manual_seed(seed)
             indices = torch.stack([torch.randperm(n, generator=gen)[:k].sort().values for _ in range(2)])
-            return {"image_features": torch.randn(2, rows, c, generator=gen), "keep_indices": indices}
+            return {names.IMAGE_FEATURES: torch.randn(2, rows, c, generator=gen), names.KEEP_INDICES: indices}
 
-        return GraphExport(name, module.eval(), spec, example, tolerances={"image_embeds": Tolerance(1e-4, 1e-4)})
+        return GraphExport(name, module.eval(), spec, example, tolerances={names.IMAGE_EMBEDS: Tolerance(1e-4, 1e-4)})
 
     projector_module = model.model.multi_modal_projector
     exports = [
-        vision("vision", model.model.image_tower, n, llava15.VisionGraph),
-        projector("projector", n, k, llava15.ProjectorGraph(projector_module)),
+        vision(names.VISION, model.model.image_tower, n, llava15.VisionGraph),
+        projector(names.PROJECTOR, n, k, llava15.ProjectorGraph(projector_module)),
     ]
     if _keeps_cls(method):
-        exports += [vision("video_vision", model.model.video_tower, 1 + n, FullFeaturesVisionGraph),
-                    projector("video_projector", 1 + n, 1 + k, ClsProjectorGraph(projector_module))]
+        exports += [vision(VIDEO_VISION, model.model.video_tower, 1 + n, FullFeaturesVisionGraph),
+                    projector(VIDEO_PROJECTOR, 1 + n, 1 + k, ClsProjectorGraph(projector_module))]
     else:
-        exports.append(vision("video_vision", model.model.video_tower, n, llava15.VisionGraph))
+        exports.append(vision(VIDEO_VISION, model.model.video_tower, n, llava15.VisionGraph))
     text_decoder, lm_head = decoder(model)
     llm_graph_spec, _ = llm.llm_spec(text_decoder, lm_head, "llm.onnx")
     return exports + [llm.graph_export(text_decoder, lm_head, llm_graph_spec)]
@@ -322,13 +325,13 @@ def modalities(model, processor: Processor, method: MethodSpec, directory: Path,
         "image": ModalitySpec(
             placeholder=processor.image_token,
             placeholder_id=int(tokenizer.convert_tokens_to_ids(processor.image_token)),
-            content_type="image", graph="vision", preprocess=spec, layout={"name": "single"},
+            content_type="image", vision=names.VISION, projector=names.PROJECTOR, preprocess=spec,
+            layout=SingleLayout(),
         ),
         "video": ModalitySpec(
             placeholder=processor.video_token,
             placeholder_id=int(tokenizer.convert_tokens_to_ids(processor.video_token)),
-            content_type="video", graph="video_vision", preprocess=spec,
-            layout={"name": LAYOUTS[layout], "num_frames": NUM_FRAMES},
-            projector="video_projector" if keeps_cls else "projector",
+            content_type="video", vision=VIDEO_VISION, preprocess=spec, layout=LAYOUTS[layout](num_frames=NUM_FRAMES),
+            projector=VIDEO_PROJECTOR if keeps_cls else names.PROJECTOR,
         ),
     }

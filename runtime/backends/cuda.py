@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import UserError
+from contract.errors import UserError
 
 _INSTALL = ("the TensorRT backend needs cuda-python (NVIDIA's CUDA binding): pip install 'cuda-python>=12.6,<13' "
             "for CUDA 12 (JetPack 6), 'cuda-python>=13,<14' for CUDA 13")

@@ -9,22 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import InputError, ManifestError
-from runtime.manifest import NUMPY_DTYPES, GraphSpec
-
-
-def check_files(directory: Path, spec: GraphSpec) -> None:
-    """The graph file and its external data exist and have the sizes the exporter recorded."""
-    for name, expected in spec.sizes.items():
-        path = directory / name
-        if not path.is_file():
-            raise ManifestError(f"{path} is missing: the export directory is incomplete, re-export it")
-        actual = path.stat().st_size
-        if actual != expected:
-            raise ManifestError(
-                f"{path} has {actual} bytes, the manifest says {expected}: the file is truncated or "
-                "replaced, re-export it"
-            )
+from contract.errors import InputError, ManifestError
+from contract.manifest import NUMPY_DTYPES, GraphSpec, check_files
 
 
 def default_providers() -> list[str]:

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import engine_meta
+from contract import engine_meta, names
+from contract.errors import InputError, ManifestError
+from contract.manifest import NUMPY_DTYPES, GraphSpec, Manifest
 from runtime.backends.cuda import CudaError, cuda
 from runtime.backends.onnxruntime import OrtRunner
-from runtime.errors import InputError, ManifestError
 from runtime.layout import Single
-from runtime.manifest import NUMPY_DTYPES, GraphSpec, Manifest
 from runtime.pipeline import Pipeline
 
 MAX_CUDA_GRAPHS = 64  # captured graphs kept per runner (least recently used dropped)
@@ -355,14 +355,14 @@ class TrtPipeline(Pipeline):
         pixel_values = np.concatenate([self.layouts[modality].tiles(s)[0] for s in sources])  # [B, 3, H, W]
         timings.preprocess += time.perf_counter() - start
         start = time.perf_counter()
-        vision = self.runners[spec.graph].infer_bound({"pixel_values": pixel_values})
+        vision = self.runners[spec.vision].infer_bound({names.PIXEL_VALUES: pixel_values})
         timings.vision += time.perf_counter() - start
         start = time.perf_counter()
-        projected = self.runners[spec.layout.get("projector", "projector")].infer_bound(
-            {"image_features": vision["image_features"], "keep_indices": vision["keep_indices"]})
+        projected = self.runners[spec.projector].infer_bound(
+            {names.IMAGE_FEATURES: vision[names.IMAGE_FEATURES], names.KEEP_INDICES: vision[names.KEEP_INDICES]})
         timings.projector += time.perf_counter() - start
-        kept = vision["keep_indices"].numpy()  # [B, K]
-        embeds = projected["image_embeds"]  # [B, K, D] on the device
+        kept = vision[names.KEEP_INDICES].numpy()  # [B, K]
+        embeds = projected[names.IMAGE_EMBEDS]  # [B, K, D] on the device
         return [embeds.rows(i, i + 1) for i in range(len(sources))], [kept[i:i + 1] for i in range(len(sources))]
 
     def splice(self, prompt_ids, visual, modality="image"):
@@ -387,8 +387,8 @@ class TrtPipeline(Pipeline):
             host[row, start + at + n:] = table[ids[at + 1:]]
             mask[row, start:] = 1
             slots.append((row * length + start + at) * table.shape[1] * host.itemsize)  # first visual row, bytes
-        llm = self.runners["llm"]
-        embeds = llm.input_tensor("inputs_embeds", host.shape)  # [B, S, D], the LLM engine's own buffer
+        llm = self.runners[names.LLM]
+        embeds = llm.input_tensor(names.INPUTS_EMBEDS, host.shape)  # [B, S, D], the LLM engine's own buffer
         cuda().upload(embeds.ptr, host, llm.stream)
         for offset, tokens in zip(slots, visual):
             cuda().copy(embeds.ptr + offset, tokens.ptr, tokens.nbytes, llm.stream)

@@ -25,7 +25,7 @@ from PIL import Image
 from skimage import data as photos_data
 
 from calibration import data
-from runtime.manifest import Manifest
+from contract.manifest import Manifest
 from tests.test_bad_input import assert_refused, cli, snapshot
 
 KEEP = 32

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from contract import engine_meta
+from contract.errors import InputError, ManifestError
+from contract.layouts import layout_from_dict
+from contract.manifest import Manifest
+from contract.names import PAST, SEQUENCE, TOTAL
 from engines import build as engine_build
 from engines import plan as engine_plan
 from engines.__main__ import main
 from engines.plan import BuildError, BuildOptions
-from runtime import engine_meta
-from runtime.errors import InputError, ManifestError
-from runtime.manifest import PAST, SEQUENCE, TOTAL, Manifest, ModalitySpec
 
 KEEP = 32
 
@@ -70,14 +72,14 @@ def test_max_seq_len_and_sub_images(tiny_export):
         engine_plan.graph_sizes(manifest, BuildOptions(tiny_export(KEEP), max_seq_len=manifest.llm.max_seq_len + 1))
     one_line(raised, "--max-seq-len", "re-export")
 
-    def modality(layout):
-        return ModalitySpec("<image>", 1, "image", "vision", {}, layout)
+    def layout(data):
+        return layout_from_dict(data)
 
-    assert engine_plan.sub_images(modality({"name": "single"})) == 1
-    assert engine_plan.sub_images(modality({"name": "anyres_fastervlm", "resolution": [672, 672], "tile": 336})) == 5
-    assert engine_plan.sub_images(modality({"name": "anyres_hf", "tile": 336,
-                                            "grid_pinpoints": [[336, 672], [1008, 336], [672, 672]]})) == 5
-    assert engine_plan.sub_images(modality({"name": "frames", "num_frames": 8})) == 8
+    assert layout({"name": "single"}).sub_images == 1
+    assert layout({"name": "anyres_fastervlm", "resolution": [672, 672], "tile": 336}).sub_images == 5
+    assert layout({"name": "anyres_hf", "tile": 336, "newline": "n.npy",
+                   "grid_pinpoints": [[336, 672], [1008, 336], [672, 672]]}).sub_images == 5
+    assert layout({"name": "frames", "num_frames": 8}).sub_images == 8
 
 
 # ------------------------------------------------------------------ precision per TensorRT version

@@ -15,9 +15,9 @@ pytest.importorskip("polygraphy", reason="polygraphy is the engines extra (pip i
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx  # noqa: E402
 from polygraphy.comparator import IterationResult  # noqa: E402
 
+from contract.manifest import Manifest  # noqa: E402
 from engines import check  # noqa: E402
 from engines.__main__ import main  # noqa: E402
-from runtime.manifest import Manifest  # noqa: E402
 
 KEEP = 32
 

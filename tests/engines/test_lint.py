@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from contract.manifest import Manifest
 from engines.__main__ import main
 from engines.lint import ERROR, WARNING, Finding, lint, lint_model
-from runtime.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 F32, I64, F64 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.DOUBLE

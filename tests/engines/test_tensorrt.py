@@ -16,10 +16,10 @@ trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here (no
                                              "build, check and TensorRT runtime paths are unverified on this machine")
 pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pip install 'cuda-python>=12.6')")
 
+from contract import engine_meta  # noqa: E402
 from engines.build import build  # noqa: E402
 from engines.check import check  # noqa: E402
 from engines.plan import BuildOptions  # noqa: E402
-from runtime import engine_meta  # noqa: E402
 from runtime.backends.cuda import CudaError, cuda  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 

@@ -12,11 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from contract.errors import ExportError
+from contract.manifest import Manifest
 from export import precision
 from export.families import llava15
 from export.spec import ExportOptions
-from runtime.errors import ExportError
-from runtime.manifest import Manifest
 
 KEEP = 32
 

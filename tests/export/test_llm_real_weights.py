@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from contract.manifest import LLMSpec
 from export import llm, onnx_io, synthetic
 from runtime.backends.onnxruntime import OrtRunner
 from runtime.generation import Generator, SamplingOptions
-from runtime.manifest import LLMSpec
 
 NEW_TOKENS = 32
 LOGIT_ATOL = 2e-3  # real logits span about +-30; fp32 on both sides (observed ~1e-4)

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.errors import InputError
 from export import checkpoints, onnx_io, reference
 from export.families import video_llava
-from runtime.errors import InputError
 from runtime.pipeline import Pipeline, Timings
 from tests.conftest import PROMPTS
 from tests.export.test_llava15_parity import NEW_TOKENS, assert_same_generation

@@ -17,8 +17,8 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 import runtime.preprocess as preprocess_module
+from contract.errors import ExportError, InputError, ManifestError
 from export.processor import preprocess_spec
-from runtime.errors import ExportError, InputError, ManifestError
 from runtime.preprocess import load_image, preprocess
 
 ATOL = 1e-5

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from runtime.errors import InputError, ManifestError
+from contract.errors import InputError, ManifestError
 from runtime.prompt import render_chat_template, user_message
 
 # The chat template llava-hf/llava-1.5-*-hf processors ship (chat_template.json), unchanged.

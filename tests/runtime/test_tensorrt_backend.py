@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.errors import InputError
+from contract.manifest import Manifest
 from engines import plan as engine_plan
 from runtime.backends.tensorrt import DeviceTensor, TrtRunner
-from runtime.errors import InputError
-from runtime.manifest import Manifest
 
 KEEP = 32
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from contract.errors import InputError
+from contract.manifest import GraphSpec, TensorSpec
 from engines import trtexec
 from engines.trtexec import Sizes, axis_ranges, graph_profile, onnx_commands
-from runtime.errors import InputError
-from runtime.manifest import GraphSpec, TensorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "trtexec_profile.py"

@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime.errors import ManifestError
+from contract.errors import ManifestError
 
 ENGINES_DIR = "engines"
 META_VERSION = 1

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
-from runtime.errors import UserError
+from contract.errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):

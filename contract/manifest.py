@@ -10,22 +10,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime.errors import ManifestError
+from contract.errors import ManifestError
+from contract.layouts import Layout, layout_from_dict, layout_to_dict
+from contract.names import BATCH, PAST, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, SEQUENCE, TOTAL
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: modalities name their vision and projector graphs, typed layouts, `precision`
 MANIFEST_FILE = "manifest.json"
 TOOLKIT_VERSION = "0.1.0"
 
-# Dynamic axis names used in the graphs' specs (a shape entry is an int when static, a name when dynamic).
-BATCH = "batch"
-SEQUENCE = "sequence"  # new tokens fed to the LLM in one call (prompt length at prefill, 1 when decoding)
-PAST = "past_sequence"  # tokens already in the KV cache
-TOTAL = "total_sequence"  # PAST + SEQUENCE: the attention mask's length
-
-# KV-cache tensor names of the LLM graph, formatted with the layer index.
-PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"
-PRESENT_KEY, PRESENT_VALUE = "present.{}.key", "present.{}.value"
-
+AXES = (BATCH, SEQUENCE, PAST, TOTAL)  # re-exported: the graphs' named dynamic axes
+PRECISIONS = ("float32", "float16")  # the graphs' compute precision (inputs and outputs are float32 either way)
 NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
 
 
@@ -95,17 +89,22 @@ class ModalitySpec:
     """How one kind of visual input (an image, a video) becomes LLM tokens.
 
     The item is cut into sub-images (tiles or frames) by its layout, each sub-image preprocessed with
-    `preprocess` and encoded by the vision graph `graph`; the projector graph maps each sub-image's kept
-    tokens; the layout orders them and the runtime splices them where the template wrote `placeholder`.
+    `preprocess` and encoded by the vision graph `vision`; the projector graph `projector` maps each
+    sub-image's kept tokens; the layout orders them and the runtime splices them where the template wrote
+    `placeholder`. Both graphs see `layout.sub_images` sub-images per item.
     """
 
     placeholder: str  # token the chat template writes where the item goes ("<image>")
     placeholder_id: int
     content_type: str  # the chat template's content block type ("image", "video")
-    graph: str  # key in Manifest.graphs of the vision graph for this modality
+    vision: str  # key in Manifest.graphs of this modality's vision graph
+    projector: str  # key in Manifest.graphs of this modality's projector graph
     preprocess: dict  # see runtime.preprocess.preprocess: applied to each sub-image
-    layout: dict  # {"name": ..., ...}: see runtime.layout
-    projector: str = "projector"  # key in Manifest.graphs of the projector graph for this modality
+    layout: Layout  # contract.layouts
+
+    @property
+    def graphs(self) -> tuple[str, str]:
+        return self.vision, self.projector
 
 
 @dataclass(frozen=True)
@@ -125,13 +124,36 @@ class Manifest:
     modalities: dict[str, ModalitySpec]  # "image", and "video" for video models
     prompt: PromptSpec
     llm: LLMSpec
-    graphs: dict[str, GraphSpec]  # vision graph(s), "projector", "llm"
+    graphs: dict[str, GraphSpec]  # vision graph(s), projector graph(s), "llm"
     source: dict  # where the weights came from and the library versions that exported them
+    precision: str = "float32"  # a key of PRECISIONS: what the graphs compute in
     format_version: int = FORMAT_VERSION
     toolkit_version: str = TOOLKIT_VERSION
 
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ManifestError(f"precision {self.precision!r} is unknown; expected one of {PRECISIONS}")
+        for name, modality in self.modalities.items():
+            for graph in modality.graphs:
+                if graph not in self.graphs:
+                    raise ManifestError(f"modality {name!r} names graph {graph!r}, which the manifest does not list")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for name, modality in self.modalities.items():
+            data["modalities"][name]["layout"] = layout_to_dict(modality.layout)
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
+
+    def sub_images(self) -> dict[str, int]:
+        """Graph name -> the most sub-images one item sends through it (1 for graphs no modality uses)."""
+        counts = {name: 1 for name in self.graphs}
+        for modality in self.modalities.values():
+            for graph in modality.graphs:
+                counts[graph] = max(counts[graph], modality.layout.sub_images)
+        return counts
 
     def write(self, directory: Path) -> None:
         (Path(directory) / MANIFEST_FILE).write_text(self.to_json() + "\n")
@@ -176,13 +198,29 @@ class Manifest:
             return cls(
                 family=data["family"],
                 method=MethodSpec(**method),
-                modalities={name: ModalitySpec(**m) for name, m in data["modalities"].items()},
+                modalities={name: ModalitySpec(**{**m, "layout": layout_from_dict(m["layout"])})
+                            for name, m in data["modalities"].items()},
                 prompt=PromptSpec(**data["prompt"]),
                 llm=LLMSpec(**llm),
                 graphs=graphs,
                 source=dict(data["source"]),
+                precision=data["precision"],
                 format_version=data["format_version"],
                 toolkit_version=data["toolkit_version"],
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ManifestError(f"{where} is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+
+
+def check_files(directory: Path, spec: GraphSpec) -> None:
+    """The graph file and its external data exist and have the sizes the exporter recorded."""
+    for name, expected in spec.sizes.items():
+        path = directory / name
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing: the export directory is incomplete, re-export it")
+        actual = path.stat().st_size
+        if actual != expected:
+            raise ManifestError(
+                f"{path} has {actual} bytes, the manifest says {expected}: the file is truncated or "
+                "replaced, re-export it"
+            )
