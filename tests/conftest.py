@@ -5,12 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-PROMPTS = [
-    "What is in the picture?",
-    "Describe the image in one sentence.",
-    "Is there a person here? Answer yes or no, then explain why.",
-]
-
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:

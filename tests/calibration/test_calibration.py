@@ -26,7 +26,7 @@ from skimage import data as photos_data
 
 from calibration import data
 from contract.manifest import Manifest
-from tests.test_bad_input import assert_refused, cli, snapshot
+from tests.helpers import assert_refused, cli, snapshot
 
 KEEP = 32
 AGREEMENT = 0.90  # the target at K=32 on real photos

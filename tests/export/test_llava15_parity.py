@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from export import reference
-from tests.conftest import PROMPTS
+from tests.helpers import PROMPTS
 
 LOGIT_ATOL = 1e-3
 NEW_TOKENS = 20

@@ -12,8 +12,8 @@ import torch
 from export import checkpoints, reference
 from export.families import llava_next
 from runtime.pipeline import Timings
-from tests.conftest import PROMPTS
 from tests.export.test_llava15_parity import NEW_TOKENS, assert_same_generation, hf_inputs
+from tests.helpers import PROMPTS
 
 EMBED_ATOL = 1e-4
 FASTERVLM_PINPOINTS = [llava_next.FASTERVLM_RESOLUTION]

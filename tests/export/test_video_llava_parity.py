@@ -24,9 +24,8 @@ from contract.errors import InputError
 from export import checkpoints, onnx_io, reference
 from export.families import video_llava
 from runtime.pipeline import Pipeline, Timings
-from tests.conftest import PROMPTS
 from tests.export.test_llava15_parity import NEW_TOKENS, assert_same_generation
-from tests.test_bad_input import assert_one_line, assert_refused, cli
+from tests.helpers import PROMPTS, assert_one_line, assert_refused, cli
 
 EMBED_ATOL = 1e-4
 PIXEL_ATOL = 1e-6
