@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Callable, ContextManager
 
 from contract.errors import ExportError
+from contract.files import DISK_FULL
 
-CACHE_DIR = Path(os.environ.get("PRUNEVLM_CACHE", Path.home() / ".cache" / "prunevlm"))
+CACHE_DIR = Path(os.environ.get("PRUNEVLM_CACHE") or Path.home() / ".cache" / "prunevlm")  # empty: unset
 
 
 Step = Callable[[str], ContextManager]
@@ -68,6 +69,45 @@ def _from_hub_cache(model_id: str, builtins: list[str], step: Step) -> Path:
     )
 
 
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What transformers, safetensors, tokenizers and huggingface_hub raise for a checkpoint whose files are
+    broken (truncated or corrupt weights, invalid JSON, a config field of the wrong type, missing shards)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, StrictDataclassError)
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str = "checkpoint"):
+    """Turns a broken checkpoint file into one ExportError line naming the directory."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except _unreadable_errors() as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "ignore_mismatched_sizes" in first:  # transformers printed the details above; say it in our line
+            first = "weights whose shapes differ from what config.json describes"
+        raise ExportError(f"cannot read the {what} in {str(path)!r}: {first[:300]}") from None
+
+
+def load_model(model_class, path: Path, **kwargs):
+    """`model_class.from_pretrained(path)` (fp32, SDPA), refusing a checkpoint that is missing weights or has
+    weights of other shapes: transformers would initialise those randomly and only warn."""
+    import torch
+
+    with reading(path):
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                  output_loading_info=True, **kwargs)
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            raise ExportError(f"the checkpoint in {str(path)!r} has {len(keys)} {kind.replace('_', ' ')} "
+                              f"(e.g. {keys[0]}): its weight files are incomplete or from another model")
+    return model.eval()
+
+
 def for_family(family, model: str, step: Step = contextlib.nullcontext) -> Path:
     """`resolve` with a family module's built-in models, cached per family and toolkit version."""
     from contract.manifest import TOOLKIT_VERSION
@@ -82,8 +122,12 @@ def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -
     target = CACHE_DIR / f"{key}-{name}-v{SYNTHETIC_VERSION}"
     if (target / "config.json").is_file():
         return target
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=CACHE_DIR))
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=CACHE_DIR))
+    except OSError as exc:
+        raise ExportError(f"cannot build the built-in {name!r} checkpoint: the cache directory {str(CACHE_DIR)!r} "
+                          f"(PRUNEVLM_CACHE) is not a writable directory ({exc.strerror})") from None
     try:
         with step(f"building the built-in {name!r} checkpoint"):
             build(tmp)
@@ -92,8 +136,11 @@ def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -
             tmp.rename(target)
         except OSError:  # another process built it first
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise ExportError(f"the disk is full while building the built-in {name!r} checkpoint in "
+                              f"{str(CACHE_DIR)!r} (PRUNEVLM_CACHE) ({exc.strerror})") from None
         raise
     return target
 

@@ -20,7 +20,7 @@ from contract.errors import ExportError
 from contract.layouts import SingleLayout
 from contract.manifest import GraphSpec, MethodSpec, ModalitySpec, TensorSpec
 from contract.names import BATCH
-from export import llm, pruning, synthetic
+from export import checkpoints, llm, pruning, synthetic
 from export.graph import GraphExport, Tolerance
 from export.processor import preprocess_spec
 
@@ -156,10 +156,8 @@ def read_config(path: Path, model_type: str = "llava"):
     """The checkpoint's config, after checking FasterVLM can be applied to it (no weights loaded)."""
     from transformers import AutoConfig
 
-    try:
+    with checkpoints.reading(path, "checkpoint config"):
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ExportError(f"cannot read the checkpoint config in {path}: {str(exc).splitlines()[0]}") from None
     if config.model_type != model_type:
         raise ExportError(f"{path} holds a {config.model_type!r} model; this family needs model_type {model_type!r}")
     if config.vision_config.model_type != "clip_vision_model":
@@ -180,13 +178,10 @@ def load(path: Path, model_class=None):
     """Model (fp32, eval, SDPA attention) and processor from a checkpoint directory."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model_class = model_class or LlavaForConditionalGeneration
-    try:
-        model = model_class.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = checkpoints.load_model(model_class or LlavaForConditionalGeneration, path)
+    with checkpoints.reading(path, "processor (tokenizer, image processor)"):
         processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ExportError(f"cannot load the checkpoint in {path}: {str(exc).splitlines()[0]}") from None
-    return model.eval(), processor
+    return model, processor
 
 
 def decoder(model):

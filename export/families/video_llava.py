@@ -39,7 +39,7 @@ from contract.errors import ExportError, ManifestError
 from contract.layouts import FramesLayout, SingleLayout
 from contract.manifest import GraphSpec, MethodSpec, ModalitySpec, TensorSpec
 from contract.names import BATCH
-from export import llm, pruning, synthetic
+from export import checkpoints, llm, pruning, synthetic
 from export.families import llava15
 from export.graph import GraphExport, Tolerance
 from runtime.preprocess import check_spec
@@ -127,13 +127,10 @@ def load(path: Path):
     """Model (fp32, eval, SDPA attention) and the processor parts from a checkpoint directory."""
     from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
 
-    try:
-        model = VideoLlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                                   attn_implementation="sdpa")
+    model = checkpoints.load_model(VideoLlavaForConditionalGeneration, path)
+    with checkpoints.reading(path, "processor (tokenizer, image processor)"):
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = VideoLlavaImageProcessor.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ExportError(f"cannot load the checkpoint in {path}: {str(exc).splitlines()[0]}") from None
     extra = _read_json(path / "processor_config.json")
     processor = Processor(
         tokenizer=tokenizer,
