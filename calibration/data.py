@@ -22,11 +22,12 @@ import numpy as np
 
 from calibration.options import CalibrationError
 from contract import names
-from contract.layouts import layout_to_dict
 from contract.errors import UserError
+from contract.layouts import layout_to_dict
 from contract.manifest import Manifest
 from contract.positions import prefill_position_ids
 from runtime.layout import make_layout
+from runtime.preprocess import ALLOWED_FORMATS
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry: no clock in the file
 _KEYS = {names.PIXEL_VALUES, "names", "tiles", "sizes", "spec"}
@@ -60,12 +61,13 @@ def list_images(directory: Path, what: str = "--images") -> list[Path]:
         raise CalibrationError(f"{what} {str(directory)!r} {problem}")
     files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise CalibrationError(f"{what} {str(directory)!r} has no image files (JPEG, PNG, ...)")
+        raise CalibrationError(f"{what} {str(directory)!r} has no image files ({', '.join(ALLOWED_FORMATS)})")
     return files
 
 
 def from_images(paths: list[Path], manifest: Manifest, export_dir: Path) -> CalibrationSet:
-    """Preprocess photos through the runtime's layout for images. A bad file raises InputError naming it."""
+    """Preprocess photos through the runtime's layout for images. A bad file raises InputError naming it.
+    Files are opened by `runtime.preprocess.load_image`, so only its ALLOWED_FORMATS decoders ever read them."""
     layout = make_layout(manifest.modalities[names.IMAGE], manifest, Path(export_dir))
     pixels, sizes = [], []
     for path in paths:

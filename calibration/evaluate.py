@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from calibration import data
 from contract import names
+from contract.compare import topk_agreement
 from runtime.layout import make_layout
 
 # scikit-image's real photographs, none of which the tests calibrate on (chelsea() and cat() are the same
@@ -70,7 +71,7 @@ def measure(export_dir: Path, manifest, pipe, graphs: dict[str, tuple[Path, Path
             visual[side].append(layout.assemble(embeds, kept, tuple(held_out.sizes[image])))
             if side == 0:
                 kept_a, embeds_a = kept, embeds
-        agreement.append(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(kept_a, kept)]))
+        agreement.append(topk_agreement(kept, kept_a))
         shared.append(np.mean([_shared_cosine(*pair) for pair in zip(kept_a, embeds_a, kept, embeds)]))
         rows.append(float(np.mean(_cosine(embeds_a, embeds))))
     metrics = {

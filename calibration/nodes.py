@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-LINEAR_OPS = ("MatMul", "Gemm")
-_PASS_THROUGH = {"Transpose", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze"}  # constant in -> constant out
-_WITH_CONSTANT = {"Add", "Sub", "Mul", "Div"}  # with one constant operand: a bias or a scale
+from contract.onnx_walk import constant_tensors, is_linear, score_path, source_constant
 
 SCORE_PATH = (
     "computes FasterVLM's top-k score (the score layer's [CLS] q/k projections -> softmax -> head mean -> "
@@ -75,8 +73,8 @@ class NodePlan:
 def plan(model: onnx.ModelProto, vocab_size: int | None = None) -> NodePlan:
     """Linear layers to quantize, minus the score path and (with `vocab_size`) the LM head."""
     graph = model.graph
-    constants = _constants(graph)
-    linear = [n for n in graph.node if _is_linear(n, constants)]
+    constants = constant_tensors(graph)
+    linear = [n for n in graph.node if is_linear(n, constants)]
     modules = {n.name: module_path(n) for n in linear}
     score = score_path(graph)
     weight_shapes = {i.name: tuple(i.dims) for i in graph.initializer}
@@ -84,7 +82,7 @@ def plan(model: onnx.ModelProto, vocab_size: int | None = None) -> NodePlan:
     for node in linear:
         if node.name in score:
             excluded.append(Exclusion(node.name, modules[node.name], SCORE_PATH))
-        elif vocab_size is not None and vocab_size in weight_shapes.get(_source_constant(graph, node.input[1]), ()):
+        elif vocab_size is not None and vocab_size in weight_shapes.get(source_constant(graph, node.input[1]), ()):
             excluded.append(Exclusion(node.name, modules[node.name], LM_HEAD))
         else:
             quantize.append(node.name)
@@ -93,43 +91,6 @@ def plan(model: onnx.ModelProto, vocab_size: int | None = None) -> NodePlan:
     float_ops = {op: counts.pop(op) for op in FLOAT_OPS if op in counts}
     float_ops["other"] = sum(counts.values())
     return NodePlan(tuple(quantize), modules, tuple(excluded), float_ops)
-
-
-def score_path(graph: onnx.GraphProto) -> set[str]:
-    """Names of the nodes FasterVLM's selection is computed by, from the score layer's projections on.
-
-        exclusive    nodes that feed a TopK and no graph output that does not depend on one: the [CLS]
-                     slice and q projection, the score matmul, softmax, head mean, the TopKs
-        projections  the linear layers (and their bias add / reshape / transpose) whose outputs reach an
-                     exclusive node: also the k projection when the exporter merged the score's keys with
-                     the layer's own (identical weights and input), as it does for the bench model
-
-    The layer-norm output the projections read is shared with the layer and is not in the set.
-    """
-    topks = [n for n in graph.node if n.op_type == "TopK"]
-    if not topks:
-        return set()
-    producers = _producers(graph)
-    selection = ancestors(graph, [t for n in topks for t in n.input], producers) | {n.name for n in topks}
-    downstream = descendants(graph, [t for n in topks for t in n.output])
-    others = [o.name for o in graph.output if o.name not in downstream]
-    exclusive = selection - ancestors(graph, others, producers)
-    constants = _constants(graph)
-    path = set(exclusive)
-    stack = [t for n in graph.node if n.name in exclusive for t in n.input]
-    while stack:
-        node = producers.get(stack.pop())
-        if node is None or node.name in path:
-            continue
-        if _is_linear(node, constants):
-            path.add(node.name)  # a projection: the walk stops here, its input is the shared layer norm
-        elif node.op_type in _PASS_THROUGH:
-            path.add(node.name)
-            stack.append(node.input[0])  # the data operand; shape operands are computed elsewhere
-        elif node.op_type in _WITH_CONSTANT and sum(t not in constants for t in node.input) == 1:
-            path.add(node.name)  # a bias add or scale: never a residual add (two activations)
-            stack.extend(t for t in node.input if t not in constants)
-    return path
 
 
 def restore_float_inputs(model: onnx.ModelProto) -> list[str]:
@@ -178,62 +139,6 @@ def module_path(node: onnx.NodeProto) -> str:
             if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
                 return re.sub(r"\.slice\([^)]*\)", "", str(scopes[-2]))  # layers[:-1] iterates as layers.slice(...)
     return node.name
-
-
-def ancestors(graph: onnx.GraphProto, tensors: list[str], producers: dict | None = None) -> set[str]:
-    producers = producers if producers is not None else _producers(graph)
-    seen: set[str] = set()
-    stack = list(tensors)
-    while stack:
-        node = producers.get(stack.pop())
-        if node is not None and node.name not in seen:
-            seen.add(node.name)
-            stack.extend(node.input)
-    return seen
-
-
-def descendants(graph: onnx.GraphProto, tensors: list[str]) -> set[str]:
-    """Tensor names computed from `tensors` (them included)."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for t in node.input:
-            consumers.setdefault(t, []).append(node)
-    seen = set(tensors)
-    stack = list(tensors)
-    while stack:
-        for node in consumers.get(stack.pop(), []):
-            for out in node.output:
-                if out not in seen:
-                    seen.add(out)
-                    stack.append(out)
-    return seen
-
-
-def _is_linear(node: onnx.NodeProto, constants: set[str]) -> bool:
-    return node.op_type in LINEAR_OPS and len(node.input) > 1 and node.input[1] in constants
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
-
-
-def _constants(graph: onnx.GraphProto) -> set[str]:
-    """Tensors known before any input arrives: initializers, Constant outputs and reshapes/casts of them."""
-    constants = {i.name for i in graph.initializer}
-    for node in graph.node:  # nodes are topologically sorted in a valid ONNX graph
-        if node.op_type == "Constant" or (
-            node.op_type in _PASS_THROUGH and all(t in constants for t in node.input if t)
-        ):
-            constants.update(node.output)
-    return constants
-
-
-def _source_constant(graph: onnx.GraphProto, tensor: str) -> str:
-    """The initializer a constant operand comes from (through transposes, casts, ...)."""
-    producers = _producers(graph)
-    while tensor in producers and producers[tensor].op_type in _PASS_THROUGH:
-        tensor = producers[tensor].input[0]
-    return tensor
 
 
 def _drop_unused_qdq(graph: onnx.GraphProto) -> None:

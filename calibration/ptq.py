@@ -25,6 +25,7 @@ import onnx
 
 from calibration import nodes
 from calibration.options import CalibrationError
+from contract import onnx_walk
 
 INSTALL_HINT = (
     "NVIDIA ModelOpt is not installed: run `bash scripts/setup.sh`, which installs nvidia-modelopt==0.47.0 "
@@ -68,7 +69,7 @@ def quantize(source: Path, out_name: str, work: Path, precision: str, method: st
             calibration_method=method,
             calibration_eps=["cpu"],
             high_precision_dtype="fp32",
-            op_types_to_quantize=list(nodes.LINEAR_OPS),
+            op_types_to_quantize=list(onnx_walk.LINEAR_OPS),
             nodes_to_quantize=[f"^{re.escape(name)}$" for name in plan.quantize],  # regexes, anchored
             use_external_data_format=True,
             output_path=str(output),
@@ -84,7 +85,7 @@ def _finish(output: Path) -> Quantized:
     """Restore the float score path, rename the external data to NAME.onnx.data, check the result."""
     model = onnx.load(str(output), load_external_data=False)
     rewired = nodes.restore_float_inputs(model)
-    left = nodes.dequantized_inputs(model, nodes.score_path(model.graph), ("LayerNormalization", "Softmax", "TopK"))
+    left = nodes.dequantized_inputs(model, onnx_walk.score_path(model.graph), ("LayerNormalization", "Softmax", "TopK"))
     if left:
         raise RuntimeError(f"{output.name}: nodes that must stay float still read dequantized tensors: {left}")
     data_name = f"{output.name}.data"

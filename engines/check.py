@@ -30,10 +30,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from contract import engine_meta, names
+from contract.compare import MIN_TOPK_AGREEMENT, format_table, max_abs_diff, topk_agreement
 from contract.errors import InputError
 from contract.manifest import Manifest
 from contract.positions import prefill_position_ids
-from export.precision import MIN_TOPK_AGREEMENT, topk_agreement
 
 # (atol, rtol) per engine precision, Polygraphy's element-wise test: |a - b| <= atol or |a - b| / |b| <= rtol.
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2), "int8": (2e-1, 1e-1), "fp8": (2e-1, 1e-1)}
@@ -153,7 +153,7 @@ def compare(name: str, runners: list, data: list[dict], atol: float, rtol: float
                             f"agreement >= {MIN_TOPK_AGREEMENT}", verdict[output], min(agreements)))
             continue
         diffs = [np.abs(a.astype(np.float64) - b) for a, b in pairs]
-        rows.append(Row(name, output, max(float(d.max()) if d.size else 0.0 for d in diffs),
+        rows.append(Row(name, output, max(max_abs_diff(a, b) for a, b in pairs),
                         float(np.mean([d.mean() if d.size else 0.0 for d in diffs])),
                         f"atol {atol:g} or rtol {rtol:g}", verdict[output]))
     return rows
@@ -220,8 +220,7 @@ def format_rows(rows: list[Row]) -> str:
         table.append((graph, f"present.* ({len(group)})", f"{max(r.max_abs for r in group):.2e}",
                       f"{np.mean([r.mean_abs for r in group]):.2e}", group[0].tolerance,
                       "ok" if all(r.ok for r in group) else "FAIL"))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines = [format_table(table, indent="")]
     failed = sum(not r.ok for r in rows)
     lines.append(f"check: {len(rows) - failed} of {len(rows)} outputs within tolerance")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ Precision, the way each TensorRT version wants it:
 
     TensorRT 10   fp32 export: weakly typed network, builder flags FP16 / INT8+FP16 / FP8+FP16; LayerNorm,
                   Softmax, TopK and the fp32 islands (the [CLS]-score path, RMSNorm, rotary angles:
-                  export.precision.fp32_islands) pinned with ILayer.precision + set_output_type and
+                  contract.onnx_walk.fp32_islands) pinned with ILayer.precision + set_output_type and
                   OBEY_PRECISION_CONSTRAINTS. fp32: no flags, TF32 cleared (strict fp32).
                   fp16 export: strongly typed (the graph's own casts), as on TensorRT 11.
     TensorRT 11   always strongly typed (the per-precision flags and OBEY_PRECISION_CONSTRAINTS are gone):

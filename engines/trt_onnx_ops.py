@@ -1,11 +1,11 @@
 """TensorRT's documented ONNX operator support, as data: what `engines.lint` checks every graph against.
 
-Nothing in this environment can import TensorRT, so compatibility is checked statically against what NVIDIA
-documents for the two targets prunevlm builds for: TensorRT 10.3 (Jetson Orin, JetPack 6) and the current
-TensorRT 11.x (datacenter GPUs). The lint never guesses beyond these tables; when the docs are silent (an
+The lint runs without TensorRT: compatibility is checked statically against what NVIDIA documents for the
+two targets prunevlm builds for: TensorRT 10.3 (Jetson Orin, JetPack 6) and the current TensorRT 11.x
+(datacenter GPUs). The lint never guesses beyond these tables; when the docs are silent (an
 operator's types), the check is skipped rather than invented.
 
-Sources, read 2026-11-21 with the project's search tool:
+Sources:
 
 - onnx/onnx-tensorrt `docs/operators.md`, TensorRT 10.15 revision ("TensorRT 10.15 supports operators in the
   inclusive range of opset 9 to opset 24"; data types DOUBLE, FLOAT32, FLOAT16, BFLOAT16, FP8, FP4, INT32,

@@ -19,12 +19,12 @@ def parser() -> ArgumentParser:
     )
     p.add_argument("family", help=f"model family: {', '.join(sorted(FAMILIES))}")
     p.add_argument("--keep", type=int, required=True, metavar="K",
-                   help="visual tokens kept per image, tile or frame (llava15 / llava-next: 1..576, 576 = no pruning, "
-                   "the paper uses 144/58/29; video-llava: 1..256 per frame, the paper uses 64/26/13)")
+                   help="visual tokens kept per image, tile or frame; all patches = no pruning (" +
+                   "; ".join(f"{name}: {family.KEEP_HELP}" for name, family in sorted(FAMILIES.items())) + ")")
     p.add_argument("--model", default=None,
                    help="checkpoint: a local HF directory, an HF id already in the local cache, 'tiny' "
                    "(built-in random-weight model, offline) or 'bench' (larger random model); default: the family's "
-                   "reference checkpoint (llava15: llava-hf/llava-1.5-7b-hf)")
+                   "reference checkpoint (" + "; ".join(f"{n}: {f.DEFAULT_MODEL}" for n, f in sorted(FAMILIES.items())) + ")")
     p.add_argument("--out", type=Path, default=None, help="export directory (default: exports/FAMILY-kK)")
     p.add_argument("--force", action="store_true", help="replace the export directory if it exists")
     p.add_argument("--no-validate", dest="validate", action="store_false",
@@ -32,10 +32,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17-23; 17-20 for TensorRT; default 18)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + answer the export is meant for (default: the LLM's max positions)")
-    p.add_argument("--layout", default=None,
-                   help="visual-token layout: llava-next: 'fastervlm' (fixed 672x672, 2x2 tiles + base, K per "
-                   "sub-image, the paper's protocol; default when pruning) or 'hf' (the released model's anyres "
-                   "layout with unpadding and newline tokens; unpruned only, default at K=576)")
+    layouts = "; ".join(f"{name}: " + ", ".join(f"'{layout}' ({text})" for layout, text in family.LAYOUT_HELP.items())
+                        for name, family in sorted(FAMILIES.items()) if len(family.LAYOUTS) > 1)
+    p.add_argument("--layout", default=None, help=f"visual-token layout where a family has several ({layouts})")
     p.add_argument("--dtype", default="float32", help="float32 (default) or float16: fp16 graphs with fp32 "
                    "islands (LayerNorm, Softmax, the [CLS]-score path, RMSNorm, rotary angles) and fp32 inputs/outputs, "
                    "validated against PyTorch with looser tolerances; what TensorRT 11 builds FP16 engines from")

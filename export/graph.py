@@ -7,16 +7,8 @@ from typing import Callable
 
 from torch import nn
 
+from contract.compare import Tolerance  # noqa: F401  (families build their tolerances from here)
 from contract.manifest import GraphSpec
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """An output passes when max|onnx - torch| <= atol + rtol * max|torch| (whole tensor: fp32 rounding
-    grows with the tensor's magnitude, not with each element's)."""
-
-    atol: float
-    rtol: float = 0.0
 
 
 @dataclass(frozen=True)

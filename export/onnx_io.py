@@ -7,12 +7,13 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from contract.compare import Comparison, compare
 from contract.errors import ExportError
 from contract.manifest import GraphSpec
 from export.graph import GraphExport
@@ -98,17 +99,6 @@ def _quiet():
         logging.disable(previous)
 
 
-@dataclass(frozen=True)
-class Check:
-    graph: str
-    case: str
-    output: str
-    shape: tuple
-    max_diff: float  # max |onnx - torch| (for set outputs: number of rows whose sets differ)
-    limit: str
-    ok: bool
-
-
 def paired_outputs(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(1, 2)):
     """Yields (input case, output name, ONNX Runtime value, PyTorch value) for every output of the graph on
     its validation inputs; elements the graph marks as not compared (graph.compared) are left out."""
@@ -130,45 +120,9 @@ def paired_outputs(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(
                 yield case, name, value, ref
 
 
-def validate(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(1, 2)) -> list[Check]:
+def validate(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(1, 2)) -> list[Comparison]:
     """ONNX Runtime against PyTorch on fresh random inputs: output names, shapes, values within the
-    graph's tolerances, selected index sets identical."""
-    return [_compare(graph, case, name, got, ref) for case, name, got, ref in paired_outputs(graph, directory, spec, seeds)]
-
-
-def _compare(graph: GraphExport, case: str, name: str, got: np.ndarray, ref: np.ndarray) -> Check:
-    if got.shape != ref.shape:
-        return Check(graph.name, case, name, got.shape, float("inf"), f"shape {ref.shape}", False)
-    if name in graph.set_outputs:
-        rows = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
-        bad = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(*rows))
-        return Check(graph.name, case, name, got.shape, float(bad), "same sets", bad == 0)
-    diff = float(np.abs(got.astype(np.float64) - ref).max()) if got.size else 0.0
-    tol = graph.tolerances.get(name)
-    if tol is None:
-        return Check(graph.name, case, name, got.shape, diff, "exact", diff == 0.0)
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    ok = diff <= tol.atol + tol.rtol * scale
-    return Check(graph.name, case, name, got.shape, diff, f"{tol.atol:g} + {tol.rtol:g}*max|ref|", ok)
-
-
-def format_checks(checks: list[Check]) -> str:
-    """A short table: one row per graph and output, worst case over the validation inputs."""
-    worst: dict[tuple[str, str], Check] = {}
-    for c in checks:
-        key = (c.graph, c.output)
-        if key not in worst or (not c.ok, c.max_diff) > (not worst[key].ok, worst[key].max_diff):
-            worst[key] = c
-    rows = [("graph", "output", "max |onnx-torch|", "tolerance", "result")]
-    outputs = [k for k in worst if not k[1].startswith("present.")]
-    presents = [worst[k] for k in worst if k[1].startswith("present.")]
-    for key in outputs:
-        c = worst[key]
-        rows.append((c.graph, c.output, f"{c.max_diff:.2e}" if c.limit != "same sets" else f"{int(c.max_diff)} rows differ",
-                     c.limit, "ok" if c.ok else "FAIL"))
-    if presents:
-        c = max(presents, key=lambda p: (not p.ok, p.max_diff))
-        rows.append((c.graph, f"present.* ({len(presents)})", f"{c.max_diff:.2e}", c.limit,
-                     "ok" if all(p.ok for p in presents) else "FAIL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+    graph's tolerances (exact where it gives none), selected index sets identical."""
+    return [compare(graph.name, name, case, got, ref, tolerance=graph.tolerances.get(name),
+                    is_set=name in graph.set_outputs)
+            for case, name, got, ref in paired_outputs(graph, directory, spec, seeds)]

@@ -36,82 +36,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
+from contract.compare import MIN_TOPK_AGREEMENT, Comparison, Tolerance, compare, table
 from contract.errors import ExportError
 from contract.manifest import GraphSpec
+from contract.onnx_walk import FP32_OPS, fp32_islands
 
 if TYPE_CHECKING:  # export.graph imports torch; fp32_islands must not (engines.build uses it on Jetson)
     from export.graph import GraphExport
 
 DTYPES = ("float32", "float16")
-FP32_OPS = ("LayerNormalization", "Softmax")
 # fp16 vs the fp32 PyTorch module, over the whole tensor: max|diff| <= atol + rtol * max|ref|. fp16 has an
 # 11-bit significand (~5e-4 relative per rounding); errors accumulate over layers, hence 2 %.
 FP16_ATOL, FP16_RTOL = 2e-2, 2e-2
-# Top-k sets (|A n B| / K, mean over rows): fp16 hidden states feed the fp32 score path, so a near-tie at
-# the K-th place can flip. The calibration target for quantized graphs is the same 0.9.
-MIN_TOPK_AGREEMENT = 0.9
+FP16_TOLERANCE = Tolerance(FP16_ATOL, FP16_RTOL)
 
-SCORE_PATH = "[CLS]-score path: fp16 error reorders near-tied scores and changes the kept tokens"
-RMS_NORM = "RMSNorm: x**2 overflows fp16 for |x| > 256"
-ROTARY = "rotary angles: fp16 has no exact integer positions above 2048"
-_NORM_TAIL = {"Add", "Sqrt", "Reciprocal", "Div", "Mul", "Cast"}  # mean(x^2) + eps -> sqrt -> 1/. -> x * .
-
-
-def fp32_islands(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> why it stays fp32: the [CLS]-score path, RMSNorm chains, rotary angles.
-    (LayerNormalization and Softmax stay fp32 by op type: FP32_OPS.)"""
-    from calibration.nodes import ancestors, score_path
-
-    graph = model.graph
-    islands = {name: SCORE_PATH for name in score_path(graph)}
-    islands.update({name: RMS_NORM for name in rms_norm_nodes(graph)})
-    trig = [t for n in graph.node if n.op_type in ("Cos", "Sin") for t in n.input]
-    rotary = ancestors(graph, trig) | {n.name for n in graph.node if n.op_type in ("Cos", "Sin")}
-    islands.update({name: ROTARY for name in rotary if name not in islands})
-    return islands
-
-
-def rms_norm_nodes(graph: onnx.GraphProto) -> set[str]:
-    """Every decomposed RMSNorm, as the exporter writes HF's `x * rsqrt(mean(x**2) + eps) * weight`:
-
-        x --Pow(2)--> ReduceMean --Add(eps)--> Sqrt --Reciprocal--> Mul(x, .) --Mul(weight, .)-->
-    The walk goes forward from the ReduceMean through element-wise ops to the Mul that reads x again, then
-    takes the weight Mul after it when one operand is constant.
-    """
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    found: set[str] = set()
-    for mean in (n for n in graph.node if n.op_type == "ReduceMean"):
-        square = producers.get(mean.input[0])
-        if square is None or square.op_type != "Pow":
-            continue
-        x = square.input[0]
-        chain, frontier, scaled = [square.name, mean.name], list(mean.output), None
-        while frontier and scaled is None:
-            tensor = frontier.pop()
-            for node in consumers.get(tensor, []):
-                if node.op_type not in _NORM_TAIL or node.name in chain:
-                    continue
-                chain.append(node.name)
-                if node.op_type == "Mul" and x in node.input:
-                    scaled = node
-                    break
-                frontier.extend(node.output)
-        if scaled is None:
-            continue  # not a normalization of x: leave it to the converter
-        found.update(chain)
-        weight = [n for n in consumers.get(scaled.output[0], []) if n.op_type == "Mul"
-                  and any(t in constants for t in n.input)]
-        found.update(n.name for n in weight[:1])
-    return found
 
 
 @dataclass(frozen=True)
@@ -199,73 +140,26 @@ def run(directory: Path, exports: list[GraphExport], specs: dict[str, GraphSpec]
         for graph in exports:
             with progress.step(f"validating the float16 {graph.name} graph against PyTorch"):
                 checks += validate(graph, directory, specs[graph.name])
-        print(format_checks(checks), file=progress.stream, flush=True)
+        print(table(checks, "fp16 vs torch"), file=progress.stream, flush=True)
         require_ok(checks)
     return specs
 
 
 # ------------------------------------------------------------------ validation against PyTorch
 
-@dataclass(frozen=True)
-class Fp16Check:
-    graph: str
-    output: str
-    case: str
-    value: float  # max |fp16 - torch|, or the top-k agreement for set outputs
-    limit: str
-    ok: bool
-    is_set: bool = False
-
-
-def validate(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(1, 2)) -> list[Fp16Check]:
+def validate(graph: GraphExport, directory: Path, spec: GraphSpec, seeds=(1, 2)) -> list[Comparison]:
     """The fp16 graph (ONNX Runtime, CPU) against the fp32 PyTorch module on the exporter's own validation
     inputs: float outputs within FP16_ATOL + FP16_RTOL * max|ref|, top-k sets agreeing >= MIN_TOPK_AGREEMENT."""
     from export.onnx_io import paired_outputs
 
     return [
-        _check(graph.name, name, case, value, ref, name in graph.set_outputs)
+        compare(graph.name, name, case, value, ref, tolerance=FP16_TOLERANCE, is_set=name in graph.set_outputs,
+                min_agreement=MIN_TOPK_AGREEMENT)
         for case, name, value, ref in paired_outputs(graph, directory, spec, seeds)
     ]
 
 
-def _check(graph: str, name: str, case: str, got: np.ndarray, ref: np.ndarray, is_set: bool) -> Fp16Check:
-    if got.shape != ref.shape:
-        return Fp16Check(graph, name, case, float("inf"), f"shape {ref.shape}", False)
-    if is_set:
-        agreement = topk_agreement(got, ref)
-        return Fp16Check(graph, name, case, agreement, f"agreement >= {MIN_TOPK_AGREEMENT}",
-                         agreement >= MIN_TOPK_AGREEMENT, is_set=True)
-    diff = float(np.abs(got.astype(np.float64) - ref).max()) if got.size else 0.0
-    limit = FP16_ATOL + FP16_RTOL * (float(np.abs(ref).max()) if ref.size else 0.0)
-    return Fp16Check(graph, name, case, diff, f"{FP16_ATOL:g} + {FP16_RTOL:g}*max|ref|", diff <= limit)
-
-
-def topk_agreement(got: np.ndarray, ref: np.ndarray) -> float:
-    """Mean over rows of |A n B| / K for index sets in the last axis (1.0: identical sets)."""
-    rows = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    if not rows[0].size:
-        return 1.0
-    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(b) for a, b in zip(*rows)]))
-
-
-def format_checks(checks: list[Fp16Check]) -> str:
-    """One row per graph and output (the worst case); the KV-cache outputs folded into one row."""
-    worst: dict[tuple[str, str], Fp16Check] = {}
-    for c in checks:
-        key = (c.graph, "present.*" if c.output.startswith("present.") else c.output)
-        badness = (not c.ok, -c.value if c.is_set else c.value)
-        old = worst.get(key)
-        if old is None or badness > (not old.ok, -old.value if old.is_set else old.value):
-            worst[key] = c
-    rows = [("graph", "output", "fp16 vs torch", "tolerance", "result")]
-    for (graph, output), c in worst.items():
-        value = f"agreement {c.value:.3f}" + (" (same sets)" if c.value == 1.0 else "") if c.is_set else f"{c.value:.2e}"
-        rows.append((graph, output, value, c.limit, "ok" if c.ok else "FAIL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def require_ok(checks: list[Fp16Check]) -> None:
+def require_ok(checks: list[Comparison]) -> None:
     failed = [c for c in checks if not c.ok]
     if failed:
         c = failed[0]

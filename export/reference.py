@@ -3,7 +3,8 @@
 `hf_selection` computes FasterVLM's selection the way the reference code does: the vision tower run with
 eager attention and `output_attentions=True`, the [CLS] row of the feature layer's attention map.
 `generate` is the whole pruned pipeline in PyTorch on the HF model: image features from HF, that
-selection, the HF projector, and HF `generate` on the shortened sequence.
+selection, the HF projector, and HF `generate` on the shortened sequence. A family whose layout differs
+keeps its own reference beside its graphs (`llava_next.reference_tokens`, `video_llava.reference_tokens`).
 """
 
 from __future__ import annotations
@@ -72,27 +73,6 @@ def generate(model, inputs: dict, keep: int, max_new_tokens: int, **kwargs):
     return out, indices
 
 
-def fastervlm_anyres_tokens(model, pixel_values: torch.Tensor, keep: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """FasterVLM's LLaVA-NeXT layout for one image, the reference way: project every token, merge the tiles
-    spatially (no unpadding, no newline), then mask with each sub-image's top-k.
-
-    pixel_values [1 + rows*cols, 3, H, W] (base image first, tiles in raster order) -> (tokens [(1 + rows*cols)*K, D]:
-    base tokens in raster order, then the tiles' tokens in raster order over the stitched grid; kept indices
-    [1 + rows*cols, K]).
-    """
-    rows, cols = grid
-    features, indices = hf_selection(model, pixel_values, keep)  # [S, N, C], [S, K]
-    with torch.no_grad():
-        projected = model.model.multi_modal_projector(features)  # [S, N, D]
-    side = int(features.shape[1] ** 0.5)
-    d = projected.shape[-1]
-    mask = torch.zeros(features.shape[:2], dtype=torch.bool)  # [S, N]
-    mask.scatter_(1, indices, True)
-    stitched = projected[1:].view(rows, cols, side, side, d).permute(0, 2, 1, 3, 4).reshape(-1, d)
-    stitched_mask = mask[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(-1)
-    return torch.cat([projected[0][mask[0]], stitched[stitched_mask]]), indices
-
-
 def replace_placeholder_run(model, input_ids: torch.Tensor, tokens: torch.Tensor,
                             token_id: int | None = None) -> torch.Tensor:
     """inputs_embeds of one prompt whose run of image placeholder tokens (however many the HF processor
@@ -104,16 +84,3 @@ def replace_placeholder_run(model, input_ids: torch.Tensor, tokens: torch.Tensor
     after = first + int(is_image.sum())
     with torch.no_grad():
         return torch.cat([embed(input_ids[:first]), tokens, embed(input_ids[after:])])
-
-
-def fastervlm_video_tokens(model, pixel_values_videos: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FasterVLM's Video-LLaVA tokens the reference way (its `encode_videos`): every frame through the video
-    tower with eager attention, layer -2's [CLS] row over the patches, mean over heads, top-k per frame,
-    sorted, [CLS] dropped, gathered and projected, frames in order.
-
-    pixel_values_videos [B, F, 3, H, W] -> (tokens [B, F*K, D], kept indices [B, F, K])."""
-    batch, frames = pixel_values_videos.shape[:2]
-    features, indices = hf_selection(model, pixel_values_videos.flatten(0, 1), keep, tower=model.model.video_tower)
-    with torch.no_grad():
-        tokens = model.model.multi_modal_projector(pruning.gather_tokens(features, indices))  # [B*F, K, D]
-    return tokens.reshape(batch, frames * keep, -1), indices.reshape(batch, frames, keep)

@@ -25,13 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from contract import names
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from contract import names  # noqa: E402  (needs the repository root on sys.path)
+
 PROMPT = "What is in the picture? Describe it in detail."
-DEFAULT_KEEPS = {"llava15": [576, 144, 58, 32], "llava-next": [576, 29]}
 
 
 def photo():
@@ -79,45 +78,6 @@ def worker_prunevlm(args) -> dict:
     }
 
 
-def _llava15_reference(model, processor, text: str, image, keep: int):
-    """HF LLaVA-1.5 with FasterVLM: eager vision tower (attention maps), gather + projector."""
-    import torch
-
-    from export import pruning, reference
-
-    t0 = time.perf_counter()
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
-    t1 = time.perf_counter()
-    features, indices = reference.hf_selection(model, inputs[names.PIXEL_VALUES], keep)
-    t2 = time.perf_counter()
-    with torch.no_grad():
-        model.model.multi_modal_projector(pruning.gather_tokens(features, indices))
-    t3 = time.perf_counter()
-    # pruned_inputs recomputes the selection to build HF generate's inputs; that time is not counted.
-    embeds, mask, _ = reference.pruned_inputs(model, inputs, keep)
-    return {"pre": t1 - t0, "vision": t2 - t1, "projector": t3 - t2}, embeds, mask
-
-
-def _llava_next_reference(model, processor, text: str, image, keep: int):
-    """HF LLaVA-NeXT with FasterVLM's protocol: 672x672 -> base + 2x2 tiles, eager vision tower over the
-    5 sub-images, project all tokens, spatial merge, mask with each sub-image's top-k."""
-    import torch
-
-    from export import reference
-    from export.families import llava_next
-
-    t0 = time.perf_counter()
-    inputs = processor(images=[image], text=[text], return_tensors="pt",
-                       image_grid_pinpoints=[llava_next.FASTERVLM_RESOLUTION])
-    t1 = time.perf_counter()
-    tokens, _ = reference.fastervlm_anyres_tokens(model, inputs[names.PIXEL_VALUES][0], keep, (2, 2))
-    t2 = time.perf_counter()
-    embeds = reference.replace_placeholder_run(model, inputs["input_ids"][0], tokens)[None]
-    # Selection and projection are timed together ("vision"): the reference projects before masking.
-    return {"pre": t1 - t0, "vision": t2 - t1, "projector": 0.0}, embeds, torch.ones(embeds.shape[:2], dtype=torch.long)
-
-
-REFERENCES = {"llava15": _llava15_reference, "llava-next": _llava_next_reference}
 
 
 def worker_hf(args) -> dict:
@@ -136,7 +96,7 @@ def worker_hf(args) -> dict:
     image = photo()
 
     def once(new_tokens: int) -> dict:
-        stages, embeds, mask = REFERENCES[args.family](model, processor, text, image, args.keep)
+        stages, embeds, mask = family.bench_reference(model, processor, text, image, args.keep)
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
@@ -231,10 +191,15 @@ def prefill_flops(llm: dict, tokens: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="llava15", choices=sorted(REFERENCES), help="model family (default llava15)")
+    from export.families import FAMILIES
+
+    benched = sorted(name for name, family in FAMILIES.items() if hasattr(family, "bench_reference"))
+    p.add_argument("--family", default="llava15", choices=benched,
+                   help="model family with a PyTorch reference to compare with (default llava15)")
     p.add_argument("--model", default="bench", help="checkpoint for both sides (default: built-in 'bench')")
     p.add_argument("--keeps", type=int, nargs="+", default=None,
-                   help="visual tokens kept per image/sub-image (default: llava15 576 144 58 32; llava-next 576 29)")
+                   help="visual tokens kept per image/sub-image (default: the family's unpruned count and the "
+                   "paper's budgets, BENCH_KEEPS in its module)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: all cores)")
@@ -253,10 +218,11 @@ def main() -> None:
     from export.api import Progress, run
     from export.spec import ExportOptions
 
-    args.keeps = args.keeps or DEFAULT_KEEPS[args.family]
-    # Both sides use the same layout; for LLaVA-NeXT that is FasterVLM's (no unpadding, no newline tokens),
-    # so K=576 is the unpruned baseline of 2880 visual tokens.
-    layout = "fastervlm" if args.family == "llava-next" else None
+    family = FAMILIES[args.family]
+    args.keeps = args.keeps or list(family.BENCH_KEEPS)
+    # Both sides use the same layout: the family's BENCH_LAYOUT (for LLaVA-NeXT FasterVLM's, no unpadding and
+    # no newline tokens, so K=576 is the unpruned baseline of 2880 visual tokens).
+    layout = getattr(family, "BENCH_LAYOUT", None)
     progress = Progress()
     rows = {}
     for keep in args.keeps:
@@ -298,7 +264,8 @@ def summarize(rows: dict, topk: dict, llm: dict, args) -> dict:
     lines = [f"machine: {cpu_name()}, {os.cpu_count()} cores, "
              f"python {platform.python_version()}; {args.family} model {args.model!r}; {args.new_tokens} new tokens; "
              f"median of {args.repeats}", ""]
-    head = f"{'K':>4} {'impl':<9} {'prompt':>6} {'vision ms':>10} {'proj ms':>8} {'prefill ms':>11} {'TTFT ms':>9} {'decode tok/s':>13} {'peak MB':>8}"
+    head = (f"{'K':>4} {'impl':<9} {'prompt':>6} {'vision ms':>10} {'proj ms':>8} {'prefill ms':>11} {'TTFT ms':>9} "
+            f"{'decode tok/s':>13} {'peak MB':>8}")
     lines.append(head)
     checks = {}
     for k in keeps:
@@ -330,12 +297,14 @@ def summarize(rows: dict, topk: dict, llm: dict, args) -> dict:
             ttft, dec = ref["ttft_s"] / ours["ttft_s"], ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
             checks[f"ttft_speedup_vs_hf_k{k}"], checks[f"decode_speedup_vs_hf_k{k}"] = ttft, dec
             lines.append(f"K={k}: prunevlm vs HF reference: time to first token {ttft:.2f}x faster, decode {dec:.2f}x faster")
-    if args.family == "llava-next" and rows[keeps[0]]["hf"] is not None:
+    from export.families import FAMILIES
+
+    paper = getattr(FAMILIES[args.family], "BENCH_PAPER_TTFT", None)
+    if paper and rows[keeps[0]]["hf"] is not None:
         ours = rows[big]["prunevlm"]["ttft_s"] / rows[small]["prunevlm"]["ttft_s"]
         ref = rows[big]["hf"]["ttft_s"] / rows[small]["hf"]["ttft_s"]
         lines.append(f"time to first token K={big}->{small} ({tok(big)} -> {tok(small)} prompt tokens): prunevlm "
-                     f"{ours:.2f}x, HF reference {ref:.2f}x faster; the FasterVLM paper reports 313 -> 78 ms CUDA "
-                     "time (4.0x) for LLaVA-NeXT-7B at K=29 on an A100 (POPE)")
+                     f"{ours:.2f}x, HF reference {ref:.2f}x faster; {paper}")
     return {"rows": rows, "topk": topk, "flop_ratio": flop_ratio, "checks": checks, "table": "\n".join(lines)}
 
 

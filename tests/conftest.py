@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -39,32 +43,65 @@ def tiny(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory, tiny_checkpoint):
-    """keep -> export directory of the tiny checkpoint (each K exported once per session)."""
+def export_dir(tmp_path_factory):
+    """(family, keep, **ExportOptions fields) -> directory of the family's built-in tiny checkpoint exported
+    by `export.api.run`, once per session (every test module shares them).
+
+    The LLM graph depends on neither K nor the layout: after a family's first export, later ones copy its
+    exported LLM files instead of exporting the same graph again (the slowest step); each export still
+    validates all its graphs against PyTorch."""
+    from export import checkpoints, onnx_io
     from export.api import Progress, run
+    from export.families import FAMILIES
     from export.spec import ExportOptions
 
-    made = {}
     root = tmp_path_factory.mktemp("exports")
+    made: dict[tuple, Path] = {}
+    llm_graphs: dict[tuple, object] = {}
+    export_graph = onnx_io.export_graph
 
-    def get(keep: int):
-        if keep not in made:
-            options = ExportOptions("llava15", keep, model=str(tiny_checkpoint), out=root / f"k{keep}")
-            made[keep] = run(options, Progress(stream=open("/dev/null", "w")))
-        return made[keep]
+    def get(family: str, keep: int, **options) -> Path:
+        key = (family, keep, tuple(sorted(options.items())))
+        if key in made:
+            return made[key]
+        llm_key = (family, options.get("opset", 18), options.get("max_seq_len"))
+
+        def cached_export_graph(graph, directory, opset):
+            if graph.name != "llm":
+                return export_graph(graph, directory, opset)
+            if llm_key not in llm_graphs:
+                spec = export_graph(graph, directory, opset)
+                keep_dir = root / f".llm-{len(llm_graphs)}"
+                keep_dir.mkdir()
+                for name in spec.sizes:
+                    shutil.copy(directory / name, keep_dir / name)
+                llm_graphs[llm_key] = (spec, keep_dir)
+                return spec
+            spec, keep_dir = llm_graphs[llm_key]
+            for name in spec.sizes:
+                shutil.copy(keep_dir / name, directory / name)
+            return spec
+
+        checkpoint = checkpoints.for_family(FAMILIES[family], "tiny")
+        out = root / f"{family}-k{keep}-{len(made)}"
+        with pytest.MonkeyPatch.context() as patch, open(os.devnull, "w") as quiet:
+            patch.setattr(onnx_io, "export_graph", cached_export_graph)
+            made[key] = run(ExportOptions(family, keep, model=str(checkpoint), out=out, **options), Progress(stream=quiet))
+        return made[key]
 
     return get
 
 
 @pytest.fixture(scope="session")
-def tiny_export_fp16(tmp_path_factory, tiny_checkpoint):
-    """The tiny checkpoint exported at K=32 with --dtype float16 (fp16 graphs, fp32 islands and inputs/outputs)."""
-    from export.api import Progress, run
-    from export.spec import ExportOptions
+def tiny_export(export_dir):
+    """keep -> export directory of the tiny LLaVA-1.5 checkpoint."""
+    return lambda keep: export_dir("llava15", keep)
 
-    out = tmp_path_factory.mktemp("exports-fp16") / "k32"
-    options = ExportOptions("llava15", 32, model=str(tiny_checkpoint), out=out, dtype="float16")
-    return run(options, Progress(stream=open("/dev/null", "w")))
+
+@pytest.fixture(scope="session")
+def tiny_export_fp16(export_dir):
+    """The tiny checkpoint exported at K=32 with --dtype float16 (fp16 graphs, fp32 islands and inputs/outputs)."""
+    return export_dir("llava15", 32, dtype="float16")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ def test_every_family_has_a_parity_test():
 
 
 def test_family_modules_provide_the_protocol():
-    needed = ("NAME", "DEFAULT_MODEL", "SYNTHETIC", "LAYOUTS", "default_layout", "read_config", "method_spec",
+    needed = ("NAME", "DEFAULT_MODEL", "SYNTHETIC", "LAYOUTS", "LAYOUT_HELP", "KEEP_HELP", "default_layout",
+              "read_config", "method_spec",
               "load", "graphs", "decoder", "modalities")
     for name, module in FAMILIES.items():
         missing = [attr for attr in needed if not hasattr(module, attr)]

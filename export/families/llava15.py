@@ -250,6 +250,8 @@ def graphs(model, method: MethodSpec) -> list[GraphExport]:
 
 
 LAYOUTS = {"single": SingleLayout}
+KEEP_HELP = "1..576 for CLIP-L/336, the paper uses 144 / 58 / 29"
+LAYOUT_HELP = {"single": "one image, its K kept tokens in raster order"}
 
 
 def default_layout(keep: int, num_patches: int) -> str:
@@ -270,3 +272,27 @@ def modalities(model, processor, method: MethodSpec, directory: Path, layout: st
             layout=SingleLayout(),
         )
     }
+
+
+# --- benchmark reference (scripts/bench.py times it beside the exported graphs) ------------------------
+
+BENCH_KEEPS = (576, 144, 58, 32)  # scripts/bench.py: unpruned, then the paper's 75 / 90 / ~95 % budgets
+
+
+def bench_reference(model, processor, text: str, image, keep: int):
+    """HF LLaVA-1.5 with FasterVLM: eager vision tower (attention maps), gather + projector."""
+    import time
+
+    from export import reference
+
+    t0 = time.perf_counter()
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    t1 = time.perf_counter()
+    features, indices = reference.hf_selection(model, inputs[names.PIXEL_VALUES], keep)
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        model.model.multi_modal_projector(pruning.gather_tokens(features, indices))
+    t3 = time.perf_counter()
+    # pruned_inputs recomputes the selection to build HF generate's inputs; that time is not counted.
+    embeds, mask, _ = reference.pruned_inputs(model, inputs, keep)
+    return {"pre": t1 - t0, "vision": t2 - t1, "projector": t3 - t2}, embeds, mask

@@ -19,12 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from contract import names
 from contract.errors import ExportError
 from contract.layouts import AnyresFasterVLMLayout, AnyresHFLayout
 from contract.manifest import MethodSpec, ModalitySpec
-from export import synthetic
+from export import reference, synthetic
 from export.families import llava15
 from export.processor import anyres_spec
 
@@ -32,6 +33,11 @@ NAME = "llava-next"
 DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 FASTERVLM_RESOLUTION = (672, 672)  # the authors' fixed input: a 2x2 grid of 336 tiles
 LAYOUTS = {"fastervlm": AnyresFasterVLMLayout, "hf": AnyresHFLayout}  # --layout name -> contract.layouts
+KEEP_HELP = "1..576 per sub-image (5 sub-images), the paper uses 29"
+LAYOUT_HELP = {
+    "fastervlm": "fixed 672x672, 2x2 tiles + base, K per sub-image, the paper's protocol; default when pruning",
+    "hf": "the released model's anyres layout with unpadding and newline tokens; unpruned only, default at K=576",
+}
 NEWLINE_FILE = "image_newline.npy"
 
 
@@ -116,3 +122,49 @@ def modalities(model, processor, method: MethodSpec, directory: Path, layout: st
             layout=spec,
         )
     }
+
+
+# --- PyTorch reference (tests and benchmarks compare the graphs with it) ---------------------------
+
+def reference_tokens(model, pixel_values: torch.Tensor, keep: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FasterVLM's LLaVA-NeXT layout for one image, the reference way: project every token, merge the tiles
+    spatially (no unpadding, no newline), then mask with each sub-image's top-k.
+
+    pixel_values [1 + rows*cols, 3, H, W] (base image first, tiles in raster order) -> (tokens [(1 + rows*cols)*K, D]:
+    base tokens in raster order, then the tiles' tokens in raster order over the stitched grid; kept indices
+    [1 + rows*cols, K]).
+    """
+    rows, cols = grid
+    features, indices = reference.hf_selection(model, pixel_values, keep)  # [S, N, C], [S, K]
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(features)  # [S, N, D]
+    side = int(features.shape[1] ** 0.5)
+    d = projected.shape[-1]
+    mask = torch.zeros(features.shape[:2], dtype=torch.bool)  # [S, N]
+    mask.scatter_(1, indices, True)
+    stitched = projected[1:].view(rows, cols, side, side, d).permute(0, 2, 1, 3, 4).reshape(-1, d)
+    stitched_mask = mask[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(-1)
+    return torch.cat([projected[0][mask[0]], stitched[stitched_mask]]), indices
+
+
+# --- benchmark reference (scripts/bench.py times it beside the exported graphs) ------------------------
+
+BENCH_KEEPS = (576, 29)  # scripts/bench.py: the unpruned 2880-token baseline and the paper's 95 %
+BENCH_LAYOUT = "fastervlm"
+BENCH_PAPER_TTFT = "the FasterVLM paper reports 313 -> 78 ms CUDA time (4.0x) for LLaVA-NeXT-7B at K=29 on an A100 (POPE)"
+
+
+def bench_reference(model, processor, text: str, image, keep: int):
+    """HF LLaVA-NeXT with FasterVLM's protocol: 672x672 -> base + 2x2 tiles, eager vision tower over the
+    5 sub-images, project all tokens, spatial merge, mask with each sub-image's top-k."""
+    import time
+
+    t0 = time.perf_counter()
+    inputs = processor(images=[image], text=[text], return_tensors="pt",
+                       image_grid_pinpoints=[list(FASTERVLM_RESOLUTION)])
+    t1 = time.perf_counter()
+    tokens, _ = reference_tokens(model, inputs[names.PIXEL_VALUES][0], keep, (2, 2))
+    t2 = time.perf_counter()
+    embeds = reference.replace_placeholder_run(model, inputs["input_ids"][0], tokens)[None]
+    # Selection and projection are timed together ("vision"): the reference projects before masking.
+    return {"pre": t1 - t0, "vision": t2 - t1, "projector": 0.0}, embeds, torch.ones(embeds.shape[:2], dtype=torch.long)

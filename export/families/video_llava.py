@@ -39,7 +39,7 @@ from contract.errors import ExportError, ManifestError
 from contract.layouts import FramesLayout, SingleLayout
 from contract.manifest import GraphSpec, MethodSpec, ModalitySpec, TensorSpec
 from contract.names import BATCH
-from export import checkpoints, llm, pruning, synthetic
+from export import checkpoints, llm, pruning, reference, synthetic
 from export.families import llava15
 from export.graph import GraphExport, Tolerance
 from runtime.preprocess import check_spec
@@ -49,12 +49,14 @@ DEFAULT_MODEL = "LanguageBind/Video-LLaVA-7B-hf"
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 NUM_FRAMES = 8  # Video-LLaVA's LanguageBind video tower was trained on 8 frames per clip
 LAYOUTS = {"frames": FramesLayout}  # the video's layout; images always use `single`
+KEEP_HELP = "1..256 per frame and per image, the paper uses 64 / 26 / 13"
+LAYOUT_HELP = {"frames": "8 frames, K kept per frame"}
 VIDEO_CONFIG = "video_preprocessor_config.json"
 VIDEO_VISION, VIDEO_PROJECTOR = "video_vision", "video_projector"  # the video modality's graphs
 
 # The built-in models' template (a released checkpoint brings its own, read by `load`): llava-hf's LLaVA-1.5
 # template with a `video` block, rendering "USER: <video>\n{text} ASSISTANT:", the prompt format of
-# transformers' Video-LLaVA docs and tests. The hub checkpoint's own file was not available here to compare.
+# transformers' Video-LLaVA docs and tests.
 CHAT_TEMPLATE = llava15.CHAT_TEMPLATE.replace(
     "{# Render all text next #}",
     "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
@@ -293,7 +295,7 @@ def preprocess_spec(image_processor) -> dict:
 
 
 def _check_video_options(video_options: dict, spec: dict) -> None:
-    """The video processor (which cannot run here) must use the options the runtime applies to frames."""
+    """The video processor (torchvision-backed, never used here) must use the options the runtime applies to frames."""
     for key in _VIDEO_KEYS:
         if key not in video_options:
             continue
@@ -332,3 +334,18 @@ def modalities(model, processor: Processor, method: MethodSpec, directory: Path,
             projector=VIDEO_PROJECTOR if keeps_cls else names.PROJECTOR,
         ),
     }
+
+
+# --- PyTorch reference (tests and benchmarks compare the graphs with it) ---------------------------
+
+def reference_tokens(model, pixel_values_videos: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FasterVLM's Video-LLaVA tokens the reference way (its `encode_videos`): every frame through the video
+    tower with eager attention, layer -2's [CLS] row over the patches, mean over heads, top-k per frame,
+    sorted, [CLS] dropped, gathered and projected, frames in order.
+
+    pixel_values_videos [B, F, 3, H, W] -> (tokens [B, F*K, D], kept indices [B, F, K])."""
+    batch, frames = pixel_values_videos.shape[:2]
+    features, indices = reference.hf_selection(model, pixel_values_videos.flatten(0, 1), keep, tower=model.model.video_tower)
+    with torch.no_grad():
+        tokens = model.model.multi_modal_projector(pruning.gather_tokens(features, indices))  # [B*F, K, D]
+    return tokens.reshape(batch, frames * keep, -1), indices.reshape(batch, frames, keep)

@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from contract import compare, onnx_walk
 from contract.errors import ExportError
 from contract.manifest import Manifest
 from export import precision
@@ -32,7 +33,7 @@ def input_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def test_manifest_and_interface_stay_fp32(tiny_export, tiny_export_fp16):
     manifest, reference = Manifest.read(tiny_export_fp16), Manifest.read(tiny_export(KEEP))
-    assert manifest.source["dtype"] == "float16" and reference.source["dtype"] == "float32"
+    assert manifest.precision == "float16" and reference.precision == "float32"
     assert manifest.graphs.keys() == reference.graphs.keys()
     for name, spec in manifest.graphs.items():
         assert (spec.inputs, spec.outputs) == (reference.graphs[name].inputs, reference.graphs[name].outputs)
@@ -52,7 +53,7 @@ def test_islands_compute_in_fp32(tiny_export, tiny_export_fp16):
     for graph, expect in (("vision", {"LayerNormalization", "Softmax", "TopK", "ReduceMean"}),
                           ("llm", {"Softmax", "Pow", "ReduceMean", "Sqrt", "Cos", "Sin"})):
         source = onnx.load(str(tiny_export(KEEP) / f"{graph}.onnx"), load_external_data=False)
-        islands = precision.fp32_islands(source)
+        islands = onnx_walk.fp32_islands(source)
         model = onnx.load(str(tiny_export_fp16 / f"{graph}.onnx"), load_external_data=False)
         types = input_types(model)
         checked = set()
@@ -64,7 +65,7 @@ def test_islands_compute_in_fp32(tiny_export, tiny_export_fp16):
         assert expect <= checked, (graph, expect - checked)
     llm = onnx.load(str(tiny_export(KEEP) / "llm.onnx"), load_external_data=False)
     pows = [n for n in llm.graph.node if n.op_type == "Pow"]
-    assert {n.name for n in pows} <= precision.rms_norm_nodes(llm.graph)
+    assert {n.name for n in pows} <= onnx_walk.rms_norm_nodes(llm.graph)
     assert len(pows) == 2 * 2 + 1  # input and post-attention norms of 2 layers, and the final norm
 
 
@@ -74,7 +75,7 @@ def test_validation_against_pytorch(tiny, tiny_export_fp16):
     checks = []
     for graph in llava15.graphs(model, manifest.method):
         checks += precision.validate(graph, tiny_export_fp16, manifest.graphs[graph.name])
-    table = precision.format_checks(checks)
+    table = compare.table(checks, "fp16 vs torch")
     print(table)
     assert all(c.ok for c in checks), table
     top_k = [c for c in checks if c.output == "keep_indices"]
@@ -117,7 +118,7 @@ def test_rms_norm_island_prevents_fp16_overflow(tmp_path):
     model = helper.make_model(helper.make_graph(nodes, "rms", [x], [y], init),
                               opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     onnx.save(model, str(tmp_path / "rms.onnx"))
-    assert precision.rms_norm_nodes(model.graph) == {"pow", "mean", "add_eps", "sqrt", "rsqrt", "scale", "weigh"}
+    assert onnx_walk.rms_norm_nodes(model.graph) == {"pow", "mean", "add_eps", "sqrt", "rsqrt", "scale", "weigh"}
 
     conversion = precision.convert_graph(tmp_path / "rms.onnx", tmp_path / "rms16.onnx")
     assert set(conversion.islands) == {"pow", "mean", "add_eps", "sqrt", "rsqrt", "scale", "weigh"}

@@ -16,7 +16,7 @@ from tests.export.test_llava15_parity import NEW_TOKENS, assert_same_generation,
 from tests.helpers import PROMPTS
 
 EMBED_ATOL = 1e-4
-FASTERVLM_PINPOINTS = [llava_next.FASTERVLM_RESOLUTION]
+FASTERVLM_PINPOINTS = [list(llava_next.FASTERVLM_RESOLUTION)]
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +32,14 @@ def next_model(next_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def next_pipeline(tmp_path_factory, next_checkpoint):
-    from export.api import Progress, run
-    from export.spec import ExportOptions
+def next_pipeline(export_dir):
     from runtime.pipeline import Pipeline
 
-    root, made = tmp_path_factory.mktemp("next"), {}
+    made = {}
 
     def get(keep: int):
         if keep not in made:
-            options = ExportOptions("llava-next", keep, model=str(next_checkpoint), out=root / f"k{keep}")
-            made[keep] = Pipeline.load(run(options, Progress(stream=open("/dev/null", "w"))))
+            made[keep] = Pipeline.load(export_dir("llava-next", keep))
         return made[keep]
 
     return get
@@ -73,7 +70,7 @@ def test_unpruned_hf_layout_matches_hf_generate(names, prompts, photos, next_mod
     """K=576 defaults to the released layout (aspect-dependent grid, unpadding, newline tokens)."""
     model, processor = next_model
     pipe = next_pipeline(576)
-    assert pipe.modality("image").layout["name"] == "anyres_hf"
+    assert pipe.modality("image").layout.name == "anyres_hf"
     images = [photos[n] for n in names]
     inputs = hf_inputs(processor, images, prompts)
     with torch.no_grad():
@@ -92,13 +89,13 @@ def test_fastervlm_layout_matches_reference(keep, photos, next_model, next_pipel
     reference of FasterVLM's layout; greedy tokens == HF generate on that sequence."""
     model, processor = next_model
     pipe = next_pipeline(keep)
-    assert pipe.modality("image").layout["name"] == "anyres_fastervlm"
+    assert pipe.modality("image").layout.name == "anyres_fastervlm"
     image, prompt = photos["portrait"], PROMPTS[0]
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
     )
     inputs = processor(images=[image], text=[text], return_tensors="pt", image_grid_pinpoints=FASTERVLM_PINPOINTS)
-    tokens, indices = reference.fastervlm_anyres_tokens(model, inputs["pixel_values"][0], keep, (2, 2))
+    tokens, indices = llava_next.reference_tokens(model, inputs["pixel_values"][0], keep, (2, 2))
     assert tokens.shape == (5 * keep, model.config.text_config.hidden_size)
     expected_embeds = reference.replace_placeholder_run(model, inputs["input_ids"][0], tokens)
 

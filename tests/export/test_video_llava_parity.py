@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from contract.errors import InputError
-from export import checkpoints, onnx_io, reference
+from export import checkpoints, reference
 from export.families import video_llava
 from runtime.pipeline import Pipeline, Timings
 from tests.export.test_llava15_parity import NEW_TOKENS, assert_same_generation
@@ -43,34 +43,13 @@ def hf():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, hf):
-    """keep -> Pipeline of an export made by `export.api.run`. The LLM graph does not depend on K: after the
-    first export the later ones copy its files instead of exporting the same graph again (its slowest step)."""
-    from export.api import Progress, run
-    from export.spec import ExportOptions
-
-    root, made, cache = tmp_path_factory.mktemp("video_llava"), {}, {}
-    export_graph = onnx_io.export_graph
-
-    def cached_export_graph(graph, directory, opset):
-        if graph.name != "llm":
-            return export_graph(graph, directory, opset)
-        if "spec" not in cache:
-            cache["spec"] = export_graph(graph, directory, opset)
-            (root / "llm").mkdir()
-            for name in cache["spec"].sizes:
-                shutil.copy(directory / name, root / "llm" / name)
-            return cache["spec"]
-        for name in cache["spec"].sizes:
-            shutil.copy(root / "llm" / name, directory / name)
-        return cache["spec"]
+def video_pipeline(export_dir):
+    """keep -> Pipeline of the tiny Video-LLaVA export at that K."""
+    made = {}
 
     def get(keep: int) -> Pipeline:
         if keep not in made:
-            options = ExportOptions(video_llava.NAME, keep, model=str(hf[0]), out=root / f"k{keep}")
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(onnx_io, "export_graph", cached_export_graph)
-                made[keep] = Pipeline.load(run(options, Progress(stream=open("/dev/null", "w"))))
+            made[keep] = Pipeline.load(export_dir(video_llava.NAME, keep))
         return made[keep]
 
     return get
@@ -154,12 +133,12 @@ def hf_generate(model, **inputs):
 
 # --- parity --------------------------------------------------------------------------------------------
 
-def test_frames_sampling_and_preprocessing_match_hf(hf, pipeline, clips, files):
+def test_frames_sampling_and_preprocessing_match_hf(hf, video_pipeline, clips, files):
     """Every way of giving a clip yields the pixels HF's processor makes of the linspace-sampled frames."""
     import av
 
     _, _, processor = hf
-    frames = pipeline(UNPRUNED).layouts["video"]
+    frames = video_pipeline(UNPRUNED).layouts["video"]
     expected = hf_pixels(processor, sampled(clips["a"])).numpy()
     ours, size = frames.tiles(clips["a"])
     worst = float(np.abs(ours - expected).max())
@@ -176,10 +155,10 @@ def test_frames_sampling_and_preprocessing_match_hf(hf, pipeline, clips, files):
 
 
 @pytest.mark.parametrize("names", [["a"], ["b", "a"]], ids=["batch1", "batch2"])
-def test_unpruned_video_matches_hf_generate(names, hf, pipeline, clips):
+def test_unpruned_video_matches_hf_generate(names, hf, video_pipeline, clips):
     """K=256: HF's layout ([CLS] + 256 patches per frame, 8 frames) through the runtime == HF generate."""
     _, model, processor = hf
-    pipe = pipeline(UNPRUNED)
+    pipe = video_pipeline(UNPRUNED)
     prompts = [PROMPTS[0], PROMPTS[2]][: len(names)]
     inputs = hf_inputs(model, processor, prompts, "video")
     videos = torch.stack([hf_pixels(processor, sampled(clips[n])) for n in names])  # [B, 8, 3, 224, 224]
@@ -193,10 +172,10 @@ def test_unpruned_video_matches_hf_generate(names, hf, pipeline, clips):
         assert result.prompt_tokens == int(inputs["attention_mask"][row].sum())
 
 
-def test_unpruned_image_matches_hf_generate(hf, pipeline, photos):
+def test_unpruned_image_matches_hf_generate(hf, video_pipeline, photos):
     """An image goes through the image tower, 256 tokens ([CLS] dropped), as in HF."""
     _, model, processor = hf
-    pipe = pipeline(UNPRUNED)
+    pipe = video_pipeline(UNPRUNED)
     inputs = hf_inputs(model, processor, [PROMPTS[1]], "image")
     out = hf_generate(model, **inputs, pixel_values=hf_pixels(processor, [photos["chelsea"]]))
     results = pipe.generate([photos["chelsea"]], [PROMPTS[1]], max_new_tokens=NEW_TOKENS, return_logits=True)
@@ -206,16 +185,16 @@ def test_unpruned_image_matches_hf_generate(hf, pipeline, photos):
 
 
 @pytest.mark.parametrize("keep", [13, 26, 64])
-def test_pruned_video_matches_fastervlm_reference(keep, hf, pipeline, clips, photos):
+def test_pruned_video_matches_fastervlm_reference(keep, hf, video_pipeline, clips, photos):
     """Per-frame kept indices == selection from HF's eager attention maps of the video tower; the sequence the
     runtime hands the LLM == the PyTorch reference of FasterVLM's layout (K per frame, [CLS] dropped, frame
     order); greedy tokens and logits == HF generate on that reference sequence. Batch 2."""
     _, model, processor = hf
-    pipe = pipeline(keep)
+    pipe = video_pipeline(keep)
     names, prompts = ["a", "b"], [PROMPTS[0], PROMPTS[2]]
     inputs = hf_inputs(model, processor, prompts, "video")
     videos = torch.stack([hf_pixels(processor, sampled(clips[n])) for n in names])
-    tokens, indices = reference.fastervlm_video_tokens(model, videos, keep)  # [B, 8K, D], [B, 8, K]
+    tokens, indices = video_llava.reference_tokens(model, videos, keep)  # [B, 8K, D], [B, 8, K]
     rows = [reference.replace_placeholder_run(model, ids[mask.bool()], row, token_id=model.config.video_token_id)
             for ids, mask, row in zip(inputs["input_ids"], inputs["attention_mask"], tokens)]
 
@@ -250,9 +229,9 @@ def test_pruned_video_matches_fastervlm_reference(keep, hf, pipeline, clips, pho
 
 # --- bad input -----------------------------------------------------------------------------------------
 
-def test_bad_video_input_is_refused(hf, pipeline, clips, files, photos, tmp_path):
+def test_bad_video_input_is_refused(hf, video_pipeline, clips, files, photos, tmp_path):
     """One line naming the value, through the API; nothing is written anywhere."""
-    pipe = pipeline(13)
+    pipe = video_pipeline(13)
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     still = tmp_path / "photo.png"
@@ -277,10 +256,10 @@ def test_bad_video_input_is_refused(hf, pipeline, clips, files, photos, tmp_path
     assert sorted(tmp_path.iterdir()) == before
 
 
-def test_cli_video(hf, pipeline, clips, files, tmp_path):
+def test_cli_video(hf, video_pipeline, clips, files, tmp_path):
     """--video answers like the API; --video on an image-only export, both flags, or an undecodable file:
     exit 2 with one line, no output file written."""
-    pipe = pipeline(13)
+    pipe = video_pipeline(13)
     run = cli("runtime", pipe.directory, "--video", files["mkv"], "--prompt", PROMPTS[0], "--max-new-tokens", "4",
               "--json", "--save-kept", tmp_path / "kept.png")
     assert run.returncode == 0, run.stderr

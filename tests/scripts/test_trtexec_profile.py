@@ -19,6 +19,7 @@ from engines.trtexec import Sizes, axis_ranges, graph_profile, onnx_commands
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "trtexec_profile.py"
 
+OUT = (TensorSpec("out", "float32", ("batch", 1)),)  # a graph declares at least one output
 VISION = GraphSpec("vision.onnx", (TensorSpec("pixel_values", "float32", ("batch", 3, 336, 336)),),
                    (TensorSpec("keep_indices", "int64", ("batch", 32)),))
 LLM = GraphSpec(
@@ -112,7 +113,7 @@ def trtexec_split(spec: str) -> dict[str, list[int]]:
 
 def test_names_round_trip_through_trtexecs_parser():
     names = ["past_key_values.0.key", "input:0", "a.b:c.d", "plain"]
-    spec = GraphSpec("g.onnx", tuple(TensorSpec(n, "float32", ("batch", i + 1)) for i, n in enumerate(names)), ())
+    spec = GraphSpec("g.onnx", tuple(TensorSpec(n, "float32", ("batch", i + 1)) for i, n in enumerate(names)), OUT)
     profile = graph_profile(spec, Sizes(batch=3, max_batch=5))
     assert "past_key_values.0.key:3x1" in profile.spec(1)  # dots need no quotes
     assert "'input:0':3x2" in profile.spec(1)
@@ -121,7 +122,7 @@ def test_names_round_trip_through_trtexecs_parser():
 
 
 def test_shell_form_of_a_quoted_name_survives_bash():
-    spec = GraphSpec("g.onnx", (TensorSpec("input:0", "float32", ("batch", 3)),), ())
+    spec = GraphSpec("g.onnx", (TensorSpec("input:0", "float32", ("batch", 3)),), OUT)
     command = onnx_commands(Path("/e"), {"g": spec}, Sizes(), 10, Path("/o"))[0]
     echoed = subprocess.run(["bash", "-c", f"printf '%s\\n' {command.shell()}"], capture_output=True, text=True)
     assert echoed.stdout.splitlines() == list(command.argv)
@@ -129,7 +130,7 @@ def test_shell_form_of_a_quoted_name_survives_bash():
 
 @pytest.mark.parametrize("name", ["a,b", "it's", "layer*"])
 def test_names_trtexec_cannot_express_are_refused(name):
-    spec = GraphSpec("g.onnx", (TensorSpec(name, "float32", ("batch", 3)),), ())
+    spec = GraphSpec("g.onnx", (TensorSpec(name, "float32", ("batch", 3)),), OUT)
     with pytest.raises(InputError, match="rename it"):
         graph_profile(spec, Sizes()).spec(0)
 
