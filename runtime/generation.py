@@ -1,8 +1,9 @@
 """The LLM loop: prefill, decode one token, decode n tokens, with the KV cache kept between calls.
 
-Split the way gpt-fast splits it. The cache lives in ONNX Runtime OrtValues bound with I/O binding: the
-`present` outputs of one call are bound as the `past` inputs of the next, never converted to numpy or
-copied by the runtime (the graph's own concat is the only copy).
+Split the way gpt-fast splits it. The cache lives in the runner's bound values (`infer_bound`: ONNX Runtime
+OrtValues with I/O binding, TensorRT device buffers): the `present` outputs of one call are bound as the
+`past` inputs of the next, never converted to numpy or copied by the runtime (the graph's own concat is the
+only copy).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contract import names
 from contract.errors import InputError
 from contract.manifest import LLMSpec
 from contract.positions import prefill_position_ids
-from runtime.backends.onnxruntime import OrtRunner
+from runtime.backends.base import Runner
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class DecodeState:
 class Generator:
     """Runs the LLM graph over input embeddings; token ids are embedded with the exported table."""
 
-    def __init__(self, runner: OrtRunner, llm: LLMSpec, embeddings: np.ndarray):
+    def __init__(self, runner: Runner, llm: LLMSpec, embeddings: np.ndarray):
         self.runner = runner
         self.llm = llm
         self.embeddings = embeddings  # [V, D]

@@ -1,10 +1,13 @@
 """TensorRT backend: the engines `python -m engines build` wrote, run with name-based tensor I/O.
 `tensorrt` is imported in this module only, and only when a runner activates.
 
-    TrtRunner     one engine, with OrtRunner's lifecycle and feed checks (activate / infer / infer_bound /
-                  deactivate, a context manager). Device buffers are allocated once, at the largest shapes the
-                  engine's optimization profiles allow, and reused; outputs stay on the device (DeviceTensor).
-    TrtPipeline   Pipeline whose image embeddings are spliced into the LLM's input on the device.
+    TrtRunner       one engine, a runtime.backends.base.Runner (activate / infer / infer_bound / deactivate, a
+                    context manager, feeds checked by base.check_feeds). Device buffers are allocated once, at
+                    the largest shapes the engine's optimization profiles allow, and reused; outputs stay on
+                    the device (DeviceTensor).
+    DeviceSplicer   the splice step: with the `single` layout the image embeddings never leave the device and
+                    are copied into the LLM engine's input buffer; other layouts order tokens on the host.
+    load            what Pipeline.load(dir, backend="trt") asks for: active runners and the DeviceSplicer.
 
 KV cache on the device: every output has two buffers, and an output fed back as an input (present.i of
 step t becomes past.i of step t+1) makes the next call write the other one, so present and past swap
@@ -18,7 +21,7 @@ replay from the second query on. The exported LLM's KV cache grows by one token 
 step's shapes are new within a generation: decode graphs replay only across generations with the same
 prompt length (benchmarks, repeated queries); a fixed-capacity in-place cache graph would be needed for more.
 
-Written against the TensorRT Python API (10.x and 11.x), not run here (no GPU, no TensorRT):
+Written against the TensorRT Python API (10.x and 11.x) (README, "What is verified, and what is not"):
   Runtime.deserialize_cuda_engine (an IStreamReader / IStreamReaderV2 reading the file, not a 14 GB bytes copy)
       https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Runtime.html
   ICudaEngine num_io_tensors, get_tensor_name, get_tensor_mode, get_tensor_dtype, get_tensor_shape,
@@ -32,7 +35,6 @@ Written against the TensorRT Python API (10.x and 11.x), not run here (no GPU, n
 from __future__ import annotations
 
 import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -41,10 +43,9 @@ import numpy as np
 from contract import engine_meta, names
 from contract.errors import InputError, ManifestError
 from contract.manifest import NUMPY_DTYPES, GraphSpec, Manifest
+from runtime.backends.base import HostSplicer, activate_all, check_feeds
 from runtime.backends.cuda import CudaError, cuda
-from runtime.backends.onnxruntime import OrtRunner
 from runtime.layout import Single
-from runtime.pipeline import Pipeline
 
 MAX_CUDA_GRAPHS = 64  # captured graphs kept per runner (least recently used dropped)
 
@@ -222,10 +223,6 @@ class TrtRunner:
                 raise InputError(f"the {self.graph!r} engine refused {name!r} of shape {tuple(shape)}")
 
     # running ----------------------------------------------------------------------------------------
-    def check_feeds(self, feeds: dict) -> None:
-        """OrtRunner's checks (names, dtypes, shapes, named axes agreeing); DeviceTensors qualify by .shape/.dtype."""
-        OrtRunner.check_feeds(self, feeds)
-
     def input_tensor(self, name: str, shape: tuple[int, ...]) -> DeviceTensor:
         """A view on this runner's own buffer for input `name`: write into it, then feed it back (no copy)."""
         self._require_active()
@@ -245,7 +242,7 @@ class TrtRunner:
         previous step, an output of another engine); a numpy feed is copied into this runner's buffer. The
         stream is synchronised before returning, so host clocks around a call measure the engine."""
         self._require_active()
-        self.check_feeds(feeds)
+        check_feeds(self.spec, feeds)  # DeviceTensors are described by their .shape and .dtype, as arrays
         shapes = {name: tuple(int(d) for d in value.shape) for name, value in feeds.items()}
         profile = self._choose_profile(shapes)
         if profile != self.profile:
@@ -328,68 +325,33 @@ class TrtRunner:
             raise RuntimeError(f"runner for the {self.graph!r} engine is not active: call activate() or use `with`")
 
 
-class TrtPipeline(Pipeline):
-    """Pipeline on TensorRT engines. With the `single` layout the projector's output never leaves the
+class DeviceSplicer(HostSplicer):
+    """The splice step on the device. With the `single` layout the projector's output never leaves the
     device: the text embeddings are uploaded into the LLM engine's input buffer and each image's tokens are
-    copied device-to-device into their rows. Other layouts reorder tokens on the host (Pipeline's path)."""
+    copied device-to-device into their rows. Other layouts reorder tokens on the host (HostSplicer's path)."""
 
-    @classmethod
-    def from_engines(cls, directory: Path, manifest: Manifest, cuda_graphs: bool = False) -> "TrtPipeline":
-        for name in manifest.graphs:  # every missing or stale engine is found before TensorRT is imported
-            engine_meta.check_engine(directory, name)
-        runners: dict[str, TrtRunner] = {}
-        try:
-            for name, spec in manifest.graphs.items():
-                runners[name] = TrtRunner(directory, name, spec, cuda_graphs).activate()
-            return cls(directory, manifest, runners)
-        except BaseException:
-            for runner in runners.values():
-                runner.deactivate()
-            raise
+    def __init__(self, llm: TrtRunner):
+        self.llm = llm
 
-    def encode(self, sources, modality, timings):
-        spec = self.modality(modality)
-        if not isinstance(self.layouts[modality], Single):
-            return super().encode(sources, modality, timings)
-        start = time.perf_counter()
-        pixel_values = np.concatenate([self.layouts[modality].tiles(s)[0] for s in sources])  # [B, 3, H, W]
-        timings.preprocess += time.perf_counter() - start
-        start = time.perf_counter()
-        vision = self.runners[spec.vision].infer_bound({names.PIXEL_VALUES: pixel_values})
-        timings.vision += time.perf_counter() - start
-        start = time.perf_counter()
-        projected = self.runners[spec.projector].infer_bound(
-            {names.IMAGE_FEATURES: vision[names.IMAGE_FEATURES], names.KEEP_INDICES: vision[names.KEEP_INDICES]})
-        timings.projector += time.perf_counter() - start
-        kept = vision[names.KEEP_INDICES].numpy()  # [B, K]
-        embeds = projected[names.IMAGE_EMBEDS]  # [B, K, D] on the device
-        return [embeds.rows(i, i + 1) for i in range(len(sources))], [kept[i:i + 1] for i in range(len(sources))]
+    def tokens(self, layout, embeds, kept, items):
+        if not (isinstance(layout, Single) and isinstance(embeds, DeviceTensor)):
+            return super().tokens(layout, embeds, kept, items)
+        return [embeds.rows(part.start, part.stop) for part, _ in items]  # [1, K, D] each, on the device
 
-    def splice(self, prompt_ids, visual, modality="image"):
-        if not all(isinstance(v, DeviceTensor) for v in visual):
-            return super().splice(prompt_ids, visual, modality)
-        placeholder = self.modality(modality).placeholder_id
-        table = self.generator.embeddings
-        counts = [int(np.prod(v.shape[:-1])) for v in visual]  # visual tokens per prompt
-        lengths = [len(ids) - 1 + n for ids, n in zip(prompt_ids, counts)]
-        length = max(lengths)
-        if length >= self.manifest.llm.max_seq_len:
-            raise InputError(
-                f"the prompt takes {length} tokens (with {max(counts)} visual tokens); this export handles at most "
-                f"{self.manifest.llm.max_seq_len - 1} before the answer: shorten the prompt")
-        host = np.empty((len(prompt_ids), length, table.shape[1]), np.float32)
-        host[:] = table[self.manifest.llm.pad_token_id]
-        mask = np.zeros((len(prompt_ids), length), np.int64)
-        slots = []
-        for row, (ids, n) in enumerate(zip(prompt_ids, counts)):
-            start, at = length - lengths[row], ids.index(placeholder)
-            host[row, start:start + at] = table[ids[:at]]
-            host[row, start + at + n:] = table[ids[at + 1:]]
-            mask[row, start:] = 1
-            slots.append((row * length + start + at) * table.shape[1] * host.itemsize)  # first visual row, bytes
-        llm = self.runners[names.LLM]
-        embeds = llm.input_tensor(names.INPUTS_EMBEDS, host.shape)  # [B, S, D], the LLM engine's own buffer
-        cuda().upload(embeds.ptr, host, llm.stream)
-        for offset, tokens in zip(slots, visual):
-            cuda().copy(embeds.ptr + offset, tokens.ptr, tokens.nbytes, llm.stream)
-        return embeds, mask
+    def fill(self, text, visual):
+        if not all(isinstance(tokens, DeviceTensor) for _, _, tokens in visual):
+            return super().fill(text, visual)
+        embeds = self.llm.input_tensor(names.INPUTS_EMBEDS, text.shape)  # [B, S, D], the LLM engine's own buffer
+        cuda().upload(embeds.ptr, text, self.llm.stream)
+        row_bytes = text.shape[2] * text.itemsize
+        for row, at, tokens in visual:
+            cuda().copy(embeds.ptr + (row * text.shape[1] + at) * row_bytes, tokens.ptr, tokens.nbytes, self.llm.stream)
+        return embeds
+
+
+def load(directory: Path, manifest: Manifest, cuda_graphs: bool = False) -> tuple[dict[str, TrtRunner], DeviceSplicer]:
+    """Active runners for every engine of the export directory, and the device splice step."""
+    for name in manifest.graphs:  # every missing or stale engine is found before TensorRT is imported
+        engine_meta.check_engine(directory, name)
+    runners = activate_all({name: TrtRunner(directory, name, spec, cuda_graphs) for name, spec in manifest.graphs.items()})
+    return runners, DeviceSplicer(runners[names.LLM])
