@@ -8,7 +8,10 @@
 
 Everything is written into a `.calibration.partial-*` directory beside the outputs, checked and measured
 there, then renamed into place (external data before the graph that needs it, calibration.json last).
-A failure or an interrupt removes the partial directory: no half-written file is ever visible.
+A failure or an interrupt (Ctrl-C, SIGTERM, SIGHUP) removes the partial directory: no half-written file is
+ever visible; what a SIGKILL leaves is removed by the next run. `OUT/.calibration.lock` is held meanwhile:
+one calibration writes into a directory at a time. Only files an existing calibration.json lists are
+replaced (or deleted when no entry refers to them any more); any other file of the same name is refused.
 """
 
 from __future__ import annotations
@@ -17,9 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
-import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
@@ -29,9 +29,11 @@ import onnx
 
 from calibration import data, evaluate, nodes, ptq
 from calibration.options import TARGETS, CalibrationError, CalibrationOptions
-from contract import names
+from contract import names, onnx_walk
 from contract.errors import UserError
+from contract.files import locked, partial_dir, quoted, require_replaceable_file, signals_raise
 from contract.manifest import MANIFEST_FILE, TOOLKIT_VERSION, Manifest, check_files
+from contract.progress import Progress as Log
 
 RECORD_FILE = "calibration.json"
 RECORD_VERSION = 1
@@ -51,18 +53,18 @@ def run(options: CalibrationOptions, log: "Log | None" = None) -> dict:
             raise CalibrationError(f"the manifest in {str(export_dir)!r} has no {graph!r} graph")
         check_files(export_dir, manifest.graphs[graph])
     out = options.out_dir()
-    record = _read_record(out)
+    outputs = _output_names(manifest, roles, options.precision)
+    _refuse_foreign(out, _read_record(out), outputs)  # before any work; again below, under the lock
     input_shape = manifest.graphs[graph_of[names.VISION]].inputs[0].shape
     calibration = data.build(options.images, options.calibration_data, manifest, export_dir, input_shape)
     held_out = _held_out(options, manifest, export_dir)
     ptq.require_modelopt()
     log.say(f"calibrating {', '.join(roles)} at {options.precision} on {len(calibration.names)} images")
 
-    created = not out.exists()
-    if created:
-        out.mkdir()
-    tmp = Path(tempfile.mkdtemp(prefix=".calibration.partial-", dir=out))
-    try:
+    with _writing(out) as tmp:
+        record = _read_record(out)
+        _refuse_foreign(out, record, outputs)
+        listed = _listed(record)
         npz_sha = data.write_npz(calibration, tmp / "calibration.npz")
         npz_name = f"calibration-{npz_sha[:12]}.npz"
         os.replace(tmp / "calibration.npz", tmp / npz_name)
@@ -80,13 +82,8 @@ def run(options: CalibrationOptions, log: "Log | None" = None) -> dict:
             metrics["calibration_overlap"] = _overlap(calibration, held_out)
         record[options.precision] = _entry(options, manifest, calibration, npz_name, npz_sha, graphs, metrics)
         record["notes"] = _notes(manifest)
-        _install(tmp, out, [tmp / npz_name, *sorted(files, key=lambda p: not p.name.endswith(".data"))], record)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+        _install(tmp, out, [tmp / npz_name, *sorted(files, key=lambda p: not p.name.endswith(".data"))], record,
+                 listed)
     log.say(f"wrote {out / RECORD_FILE}")
     return record[options.precision]
 
@@ -138,6 +135,61 @@ def _roles(manifest: Manifest, graphs: tuple[str, ...]) -> dict[str, str]:
         if known[role] not in manifest.graphs:
             raise CalibrationError(f"the manifest has no {known[role]!r} graph for --graphs {role}")
     return {role: known[role] for role in ROLES if role in graphs}
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[Path]:
+    """A `.calibration.partial-*` directory in `out` (created if missing, removed again if the run fails),
+    with `out/.calibration.lock` held and SIGTERM / SIGHUP unwinding like Ctrl-C."""
+    label = f"the calibration outputs in {quoted(out)}"
+    created = not out.exists()
+    if created:
+        try:
+            out.mkdir()
+        except OSError as exc:
+            raise CalibrationError(f"cannot create --out {quoted(out)} ({exc.strerror})") from None
+    try:
+        with signals_raise(), locked(out, "calibration", label, CalibrationError), \
+                partial_dir(out, "calibration", label, CalibrationError) as tmp:
+            yield tmp
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _output_names(manifest: Manifest, roles: dict[str, str], precision: str) -> list[str]:
+    """The graph files this run writes (`vision.int8.onnx` and its `.data`), and calibration.json."""
+    stems = [Path(Path(manifest.graphs[graph].file).name).stem for graph in roles.values()]
+    return [name for stem in stems for name in (f"{stem}.{precision}.onnx", f"{stem}.{precision}.onnx.data")] + [
+        RECORD_FILE]
+
+
+def _listed(record: dict) -> set[str]:
+    """The files a calibration record lists (graphs, their data, calibration sets): the ones prunevlm wrote."""
+    listed = {RECORD_FILE}
+    for entry in record.values():
+        if not isinstance(entry, dict):
+            continue
+        calibration_set = entry.get("calibration_data")
+        if isinstance(calibration_set, dict) and isinstance(calibration_set.get("file"), str):
+            listed.add(calibration_set["file"])
+        graphs = entry.get("graphs")
+        for graph in graphs.values() if isinstance(graphs, dict) else ():
+            if isinstance(graph, dict):
+                listed.update(n for n in [graph.get("file"), *(graph.get("files") or {})] if isinstance(n, str))
+    return listed
+
+
+def _refuse_foreign(out: Path, record: dict, outputs: list[str]) -> None:
+    """Refuse to replace a file in `out` that calibration.json does not list: prunevlm did not write it."""
+    listed = _listed(record)
+    for name in outputs:
+        path = out / name
+        require_replaceable_file(path, "calibration output", CalibrationError)
+        if name != RECORD_FILE and os.path.lexists(path) and name not in listed:
+            raise CalibrationError(f"{quoted(path)} exists and no calibration.json there lists it, so prunevlm did "
+                                   "not write it: move it away or choose another --out")
 
 
 def _read_record(out: Path) -> dict:
@@ -221,7 +273,7 @@ def _entry(options: CalibrationOptions, manifest: Manifest, calibration: data.Ca
         "tool": f"nvidia-modelopt {_version('nvidia-modelopt')}: modelopt.onnx.quantization.quantize",
         "settings": {
             "calibration_method": options.calibration_method,
-            "op_types_to_quantize": list(nodes.LINEAR_OPS),
+            "op_types_to_quantize": list(onnx_walk.LINEAR_OPS),
             "nodes_to_quantize": "the linear layers listed per graph under 'quantized'",
             "high_precision_dtype": "fp32",
             "calibration_eps": ["cpu"],
@@ -258,10 +310,11 @@ def _notes(manifest: Manifest) -> list[str]:
     return notes
 
 
-def _install(tmp: Path, out: Path, files: list[Path], record: dict) -> None:
+def _install(tmp: Path, out: Path, files: list[Path], record: dict, listed: set[str]) -> None:
     """Rename finished files into `out`, calibration.json last. Files they replace are first moved aside
     into `tmp`; if any step fails, the new files are removed and the old ones put back, so `out` holds
-    either the previous state or the new one. Then calibration sets no entry refers to are deleted."""
+    either the previous state or the new one. Then calibration sets that the previous record `listed` and
+    no entry refers to any more are deleted (never a file prunevlm did not write)."""
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     aside = tmp / "replaced"
     aside.mkdir()
@@ -280,7 +333,7 @@ def _install(tmp: Path, out: Path, files: list[Path], record: dict) -> None:
         raise
     used = {e["calibration_data"]["file"] for e in record.values() if isinstance(e, dict) and "calibration_data" in e}
     for stale in out.glob("calibration-*.npz"):
-        if stale.name not in used:
+        if stale.name in listed and stale.name not in used:
             stale.unlink()
 
 
@@ -291,20 +344,3 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-class Log:
-    """Progress lines with elapsed time, on stderr (stdout is for the results table)."""
-
-    def __init__(self, verbose: bool = False, stream=None):
-        self.verbose = verbose
-        self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
-
-    def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.1f}s] {text}", file=self.stream, flush=True)
-
-    @contextlib.contextmanager
-    def step(self, text: str) -> Iterator[None]:
-        began = time.perf_counter()
-        self.say(f"{text} ...")
-        yield
-        self.say(f"{text}: done in {time.perf_counter() - began:.1f}s")

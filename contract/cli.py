@@ -23,8 +23,9 @@ def run(body: Callable[[], int], debug: bool) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        # One line whatever the message holds (a path with a newline, a library's multi-line text).
+        print("error: " + " ".join(str(exc).split("\n")).strip(), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP while writing (contract.files.Terminated)
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)

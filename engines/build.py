@@ -6,10 +6,14 @@
 Order: options and manifest -> the plan (engines/plan.py: ONNX file, typing, flags, profiles per graph) ->
 `engines.lint` for the TensorRT version (refused on errors) -> tensorrt and the GPU -> per graph: skipped
 when its engine is up to date (same options, ONNX sha256, TensorRT version and GPU), else built. Engine,
-metadata and timing cache are written to temporary files and renamed: an interrupted build leaves the old
-files or none, never a half-written one (and an engine whose metadata lags is refused as stale).
+metadata and timing cache are written to temporary files and renamed (contract.files): an interrupted build
+leaves the old files or none, never a half-written one; the metadata is renamed into place before its engine,
+so an engine prunevlm built always has metadata beside it (an engine whose metadata is ahead is refused as
+stale). A build holds EXPORT_DIR/.engines.lock: two builds of one export do not run together. Only files it
+wrote are replaced: an `engines` that is not a directory, an engine without prunevlm metadata beside it, and a
+--timing-cache that is not a regular file are refused before any work.
 
-TensorRT calls (written against the documented Python API of 10.x and 11.x; not run here, no GPU):
+TensorRT calls (written against the documented Python API of 10.x and 11.x):
   trt.Builder, create_network(1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED) (deprecated and always on
       in 11.0: https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/_static/python-api/infer/Core/Builder.html),
       create_builder_config, create_optimization_profile, build_serialized_network
@@ -32,15 +36,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from contract import engine_meta
+from contract import engine_meta, files
 from contract.errors import ManifestError
 from contract.manifest import TOOLKIT_VERSION, Manifest, check_files
 from engines import trtexec
@@ -66,6 +70,44 @@ def build(options: BuildOptions, log=None) -> list[Outcome]:
     manifest = Manifest.read(options.export_dir)
     for spec in manifest.graphs.values():
         check_files(options.export_dir, spec)
+    label = f"the engines of {files.quoted(options.export_dir)}"
+    with files.signals_raise(), files.locked(options.export_dir, engine_meta.ENGINES_DIR, label, BuildError):
+        _check_outputs(options, manifest)
+        return _build(options, manifest, log)
+
+
+def _check_outputs(options: BuildOptions, manifest: Manifest) -> None:
+    """Refuse, before any work, to replace what build did not write (see the module doc); remove what a
+    killed build left (`.GRAPH.engine.partial-*`). Called with the export's engines lock held."""
+    directory = options.export_dir / engine_meta.ENGINES_DIR
+    if os.path.lexists(directory):
+        files.require_directory(directory, "the engines directory", BuildError)
+        for graph in manifest.graphs:
+            engine, meta = engine_meta.engine_path(options.export_dir, graph), engine_meta.meta_path(options.export_dir, graph)
+            for path in (engine, meta):
+                files.clear_stale(directory, path.name)
+                files.require_replaceable_file(path, "engine file", BuildError)
+            if meta.exists() and not _is_meta(meta):
+                raise BuildError(f"{files.quoted(meta)} is not engine metadata prunevlm wrote; move it away to build")
+            if engine.exists() and not meta.exists():
+                raise BuildError(f"{files.quoted(engine)} has no {meta.name} beside it, so prunevlm did not build it; "
+                                 "move it away to build")
+    if options.timing_cache:
+        files.require_replaceable_file(options.timing_cache, "--timing-cache", BuildError)
+
+
+def _is_meta(path: Path) -> bool:
+    """Engine metadata of any format version (an older one is still ours, and stale)."""
+    try:
+        if path.stat().st_size > files.MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "graph" in data
+
+
+def _build(options: BuildOptions, manifest: Manifest, log) -> list[Outcome]:
     detected = trtexec.detect_version(None)
     requested = None if options.trt_version == "auto" else int(options.trt_version)
     if requested is None and detected is None:
@@ -113,7 +155,8 @@ def build(options: BuildOptions, log=None) -> list[Outcome]:
                            "prunevlm": TOOLKIT_VERSION})
         size = _install(options.export_dir, item.graph, engine, meta)
         if options.timing_cache:
-            _write_atomic(options.timing_cache, lambda f: f.write(cache))
+            with files.atomic_file(options.timing_cache, BuildError, "--timing-cache") as f:
+                f.write(cache)
         outcomes.append(Outcome(item, f"built in {seconds:.1f} s", size, pinned))
     return outcomes
 
@@ -189,10 +232,10 @@ def build_engine(trt, item: GraphPlan, options: BuildOptions, cache: bytes):
 
 
 def fp32_nodes(path: Path) -> set[str]:
-    """ONNX node names of the fp32 islands (export.precision.fp32_islands), from the graph's structure."""
+    """ONNX node names of the fp32 islands (contract.onnx_walk.fp32_islands), from the graph's structure."""
     import onnx
 
-    from export.precision import fp32_islands
+    from contract.onnx_walk import fp32_islands
 
     return set(fp32_islands(onnx.load(str(path), load_external_data=False)))
 
@@ -220,28 +263,18 @@ def pin_fp32(trt, network, nodes: set[str]) -> int:
 
 
 def _install(export_dir: Path, graph: str, engine, meta: dict) -> int:
-    """Engine, then its metadata, each to a temporary file renamed into place. Returns the engine's size."""
+    """Engine to a temporary file, then its metadata renamed into place, then the engine (a rename keeps the
+    size and mtime the metadata records). Returns the engine's size."""
     path = engine_meta.engine_path(export_dir, graph)
-    _write_atomic(path, lambda f: f.write(engine))
-    stat = path.stat()
-    record = engine_meta.EngineMeta(engine=engine_meta.FileDigest(hashlib.sha256(memoryview(engine)).hexdigest(),
-                                                                  stat.st_size, stat.st_mtime_ns), **meta)
-    _write_atomic(engine_meta.meta_path(export_dir, graph), lambda f: f.write(record.to_json().encode() + b"\n"))
+    with files.atomic_file(path, BuildError, "engine") as f:
+        f.write(engine)
+        f.flush()
+        stat = os.fstat(f.fileno())
+        record = engine_meta.EngineMeta(engine=engine_meta.FileDigest(
+            hashlib.sha256(memoryview(engine)).hexdigest(), stat.st_size, stat.st_mtime_ns), **meta)
+        with files.atomic_file(engine_meta.meta_path(export_dir, graph), BuildError, "engine metadata") as m:
+            m.write(record.to_json().encode() + b"\n")
     return stat.st_size
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_outcomes(outcomes: list[Outcome]) -> str:

@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from contract import names
+from contract import compare, files, names
 from contract.errors import ExportError
-from contract.manifest import LLMSpec, Manifest, PromptSpec
+from contract.manifest import LLMSpec, Manifest, PromptSpec, record_files
+from contract.progress import Progress
 from export import checkpoints, llm, onnx_io
 from export.families import FAMILIES
 from export.spec import ExportOptions
 
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDINGS_FILE = "embed_tokens.npy"
-
-
-class Progress:
-    """Prints each long step with the elapsed time, to stderr (stdout stays for results)."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.start = time.perf_counter()
-
-    def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.1f}s] {text}", file=self.stream, flush=True)
-
-    @contextlib.contextmanager
-    def step(self, text: str):
-        began = time.perf_counter()
-        self.say(f"{text} ...")
-        yield
-        self.say(f"{text}: done in {time.perf_counter() - began:.1f}s")
 
 
 def run(options: ExportOptions, progress: Progress | None = None) -> Path:
@@ -50,9 +29,6 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     if options.family not in FAMILIES:
         raise ExportError(f"unknown family {options.family!r}; choose one of {sorted(FAMILIES)}")
     family = FAMILIES[options.family]
-    out = options.out_dir()
-    if out.exists() and not options.force:
-        raise ExportError(f"output directory {str(out)!r} already exists; pass --force to replace it")
     model_name = options.model or family.DEFAULT_MODEL
     # Everything the user chose is checked before the first progress line: bad input gets one line, the error.
     path = checkpoints.for_family(family, model_name, step=progress.step)
@@ -67,18 +43,13 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
             f"--layout {layout} places every patch and works without pruning only: use --keep {method.num_patches}, "
             f"or --layout {' / '.join(others)} to prune"
         )
-
-    with progress.step(f"loading {path}"):
-        model, processor = family.load(path)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    # --out is checked and locked before any work, and stays locked until the export is renamed into place:
+    # --force replaces only an export, and of two exports to one --out started together one is refused.
+    out = options.out_dir()
+    with files.replacing(out, options.force, ExportError) as tmp:
+        with progress.step(f"loading {path}"):
+            model, processor = family.load(path)
         _write(tmp, family, model, processor, method, layout, options, model_name, progress)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress.say(f"wrote {out}")
     return out
 
@@ -99,12 +70,12 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
                 checks = onnx_io.validate(graph, directory, specs[graph.name])
             all_checks += checks
     if options.validate:
-        print(onnx_io.format_checks(all_checks), file=progress.stream, flush=True)
+        print(compare.table(all_checks, "max |onnx-torch|"), file=progress.stream, flush=True)
         failed = [c for c in all_checks if not c.ok]
         if failed:
             c = failed[0]
             raise ExportError(
-                f"validation failed: {c.graph} output {c.output!r} differs from PyTorch by {c.max_diff:.3g} "
+                f"validation failed: {c.graph} output {c.output!r} differs from PyTorch by {c.value:.3g} "
                 f"({c.limit}) on input {c.case}; nothing was written"
             )
     if options.dtype == "float16":  # the validated fp32 graphs -> fp16 with fp32 islands, validated again
@@ -141,6 +112,7 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
+        files=record_files(directory),  # last: the arguments above (modalities) may write files
     )
     manifest.write(directory)
 
@@ -162,16 +134,3 @@ def _save_tokenizer(processor, directory: Path) -> PromptSpec:
         special_tokens={k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
     )
 
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` (allowed by --force) is removed only after the move."""
-    umask = os.umask(0)
-    os.umask(umask)
-    new.chmod(0o777 & ~umask)  # mkdtemp made it private; the export is an ordinary directory
-    if not out.exists():
-        os.rename(new, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, trash / out.name)
-    os.rename(new, out)
-    shutil.rmtree(trash, ignore_errors=True)
