@@ -6,13 +6,33 @@ use these classes, so the schema is defined once. Plain JSON only (no pickles), 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from contract import checks
 from contract.errors import ManifestError
 from contract.layouts import Layout, layout_from_dict, layout_to_dict
-from contract.names import BATCH, PAST, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, SEQUENCE, TOTAL
+from contract.names import (
+    ATTENTION_MASK,
+    BATCH,
+    IMAGE_EMBEDS,
+    IMAGE_FEATURES,
+    INPUTS_EMBEDS,
+    KEEP_INDICES,
+    LLM,
+    LOGITS,
+    PAST,
+    PAST_KEY,
+    PAST_VALUE,
+    PIXEL_VALUES,
+    POSITION_IDS,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    SEQUENCE,
+    TOTAL,
+)
 
 FORMAT_VERSION = 3  # 3: modalities name their vision and projector graphs, typed layouts, `precision`
 MANIFEST_FILE = "manifest.json"
@@ -21,6 +41,8 @@ TOOLKIT_VERSION = "0.1.0"
 AXES = (BATCH, SEQUENCE, PAST, TOTAL)  # re-exported: the graphs' named dynamic axes
 PRECISIONS = ("float32", "float16")  # the graphs' compute precision (inputs and outputs are float32 either way)
 NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is ~10 KB (+ the chat template); read at most this much
+METHODS = ("fastervlm", "none")
 
 
 @dataclass(frozen=True)
@@ -30,9 +52,19 @@ class TensorSpec:
     shape: tuple[int | str, ...]  # ints are static sizes, strings name a dynamic axis
 
     def __post_init__(self) -> None:
-        if self.dtype not in NUMPY_DTYPES:
-            raise ManifestError(f"tensor {self.name!r} has dtype {self.dtype!r}; expected one of {sorted(NUMPY_DTYPES)}")
-        object.__setattr__(self, "shape", tuple(self.shape))
+        checks.text(self.name, "tensor name")
+        if not isinstance(self.dtype, str) or self.dtype not in NUMPY_DTYPES:
+            raise ManifestError(f"tensor {self.name!r} has dtype {checks._short(self.dtype)}; expected one of "
+                                f"{sorted(NUMPY_DTYPES)}: re-export")
+        shape = checks.sequence(self.shape, f"shape of tensor {self.name!r}", 0, checks.MAX_RANK)
+        for dim in shape:
+            if isinstance(dim, str):
+                if dim not in AXES:
+                    raise ManifestError(f"tensor {self.name!r} has dynamic axis {checks._short(dim)}; expected one of "
+                                        f"{list(AXES)}: re-export")
+            else:
+                checks.integer(dim, f"shape of tensor {self.name!r}", 1, checks.MAX_TENSOR_DIM)
+        object.__setattr__(self, "shape", shape)
 
 
 @dataclass(frozen=True)
@@ -42,6 +74,20 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     # Bytes of the .onnx file and of its external data file: a cheap check for truncated copies.
     sizes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks.relative_path(self.file, "graphs[*].file")
+        for role, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            specs = checks.sequence(specs, f"{self.file} {role}", 1)
+            if not all(isinstance(t, TensorSpec) for t in specs):
+                raise ManifestError(f"{self.file} {role} must be tensor specs: re-export")
+            names = [t.name for t in specs]
+            if len(set(names)) != len(names):
+                raise ManifestError(f"{self.file} declares {role} with repeated names: re-export")
+            object.__setattr__(self, role, specs)
+        for name, size in checks.mapping(self.sizes, f"{self.file} sizes", 16).items():
+            checks.relative_path(name, f"{self.file} sizes key")
+            checks.integer(size, f"{self.file} sizes[{name!r}]", 0, 1 << 50)
 
     def input(self, name: str) -> TensorSpec:
         return _by_name(self.inputs, name, self.file)
@@ -75,6 +121,32 @@ class LLMSpec:
     present_key: str = PRESENT_KEY
     present_value: str = PRESENT_VALUE
 
+    def __post_init__(self) -> None:
+        checks.integer(self.num_layers, "llm.num_layers", 1, checks.MAX_LAYERS)
+        checks.integer(self.num_heads, "llm.num_heads", 1, checks.MAX_HEADS)
+        checks.integer(self.num_kv_heads, "llm.num_kv_heads", 1, self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ManifestError(f"manifest field llm.num_kv_heads={self.num_kv_heads} does not divide "
+                                f"llm.num_heads={self.num_heads}: re-export")
+        checks.integer(self.head_dim, "llm.head_dim", 1, checks.MAX_WIDTH)
+        checks.integer(self.hidden_size, "llm.hidden_size", 1, checks.MAX_WIDTH)
+        checks.integer(self.vocab_size, "llm.vocab_size", 1, checks.MAX_VOCAB)
+        checks.integer(self.max_seq_len, "llm.max_seq_len", 2, checks.MAX_SEQ_LEN)
+        checks.relative_path(self.embeddings, "llm.embeddings")
+        eos = checks.sequence(self.eos_token_ids, "llm.eos_token_ids", 1, 64)
+        for token in eos:
+            checks.integer(token, "llm.eos_token_ids[*]", 0, self.vocab_size - 1)
+        object.__setattr__(self, "eos_token_ids", eos)
+        checks.integer(self.pad_token_id, "llm.pad_token_id", 0, self.vocab_size - 1)
+        for name in ("past_key", "past_value", "present_key", "present_value"):
+            checks.pattern(getattr(self, name), f"llm.{name}")
+
+    def cache_names(self) -> tuple[list[str], list[str]]:
+        """(past input names, present output names) of every layer, keys and values interleaved."""
+        past = [p.format(i) for i in range(self.num_layers) for p in (self.past_key, self.past_value)]
+        present = [p.format(i) for i in range(self.num_layers) for p in (self.present_key, self.present_value)]
+        return past, present
+
 
 @dataclass(frozen=True)
 class PromptSpec:
@@ -82,6 +154,18 @@ class PromptSpec:
     chat_template: str  # the checkpoint's Jinja chat template
     # Template variables apply_chat_template passes: the tokenizer's special tokens (bos_token, ...).
     special_tokens: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks.relative_path(self.tokenizer, "prompt.tokenizer")
+        checks.text(self.chat_template, "prompt.chat_template", checks.MAX_TEMPLATE)
+        for key, value in checks.mapping(self.special_tokens, "prompt.special_tokens", 64).items():
+            if not isinstance(key, str) or not key.isidentifier() or key in _TEMPLATE_ARGUMENTS:
+                raise ManifestError(f"manifest field prompt.special_tokens has key {checks._short(key)}; keys must "
+                                    f"be template variable names other than {sorted(_TEMPLATE_ARGUMENTS)}: re-export")
+            checks.text(value, f"prompt.special_tokens[{key!r}]", empty=True)
+
+
+_TEMPLATE_ARGUMENTS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
 
 @dataclass(frozen=True)
@@ -102,9 +186,51 @@ class ModalitySpec:
     preprocess: dict  # see runtime.preprocess.preprocess: applied to each sub-image
     layout: Layout  # contract.layouts
 
+    def __post_init__(self) -> None:
+        checks.text(self.placeholder, "modalities[*].placeholder")
+        checks.integer(self.placeholder_id, "modalities[*].placeholder_id", 0, checks.MAX_VOCAB)
+        checks.text(self.content_type, "modalities[*].content_type")
+        checks.text(self.vision, "modalities[*].vision")
+        checks.text(self.projector, "modalities[*].projector")
+        _check_preprocess(checks.mapping(self.preprocess, "modalities[*].preprocess", 32))
+        if type(self.layout).__name__ not in _LAYOUT_CLASSES:
+            raise ManifestError(f"modality {self.content_type!r} has layout {checks._short(self.layout)}: re-export")
+        for side in (*getattr(self.layout, "resolution", ()), *(v for p in getattr(self.layout, "grid_pinpoints", ())
+                                                               for v in p)):
+            checks.integer(side, "layout resolution", 1, checks.MAX_LAYOUT_SIDE)
+        if hasattr(self.layout, "tile"):
+            checks.integer(self.layout.tile, "layout tile", 1, checks.MAX_IMAGE_SIDE)
+        if hasattr(self.layout, "newline"):
+            checks.relative_path(self.layout.newline, "layout newline")
+
     @property
     def graphs(self) -> tuple[str, str]:
         return self.vision, self.projector
+
+
+_LAYOUT_CLASSES = ("SingleLayout", "AnyresFasterVLMLayout", "AnyresHFLayout", "FramesLayout")
+
+
+def _check_preprocess(spec: dict) -> None:
+    """Values of a preprocessing spec (runtime.preprocess.check_spec checks its keys): switches are booleans,
+    sizes are bounded (an image is resized to them), mean/std have 3 finite values and std none zero."""
+    for key, value in spec.items():
+        if key.startswith("do_"):
+            checks.boolean(value, f"preprocess.{key}")
+    sized = [("size", spec.get("do_resize")), ("crop_size", spec.get("do_center_crop"))]
+    for key, used in sized:
+        if used:
+            for name, side in checks.mapping(spec.get(key), f"preprocess.{key}", 2).items():
+                checks.integer(side, f"preprocess.{key}.{name}", 1, checks.MAX_IMAGE_SIDE)
+    if spec.get("do_resize"):
+        checks.integer(spec.get("resample"), "preprocess.resample", 0, 5)
+    if spec.get("do_rescale"):
+        checks.number(spec.get("rescale_factor"), "preprocess.rescale_factor", positive=True)
+    if spec.get("do_normalize"):
+        for key in ("image_mean", "image_std"):
+            values = checks.sequence(spec.get(key), f"preprocess.{key}", 3, 3)
+            for v in values:
+                checks.number(v, f"preprocess.{key}[*]", positive=(key == "image_std"))
 
 
 @dataclass(frozen=True)
@@ -115,6 +241,18 @@ class MethodSpec:
     grid: tuple[int, int]  # patch grid (rows, cols), raster order
     feature_layer: int  # vision_feature_layer as HF counts it (hidden_states index)
     score_layer: int  # 0-based encoder layer whose [CLS] attention row ranks the patches
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ManifestError(f"manifest field method.name={checks._short(self.name)} must be one of {METHODS}: re-export")
+        checks.integer(self.num_patches, "method.num_patches", 1, 1 << 16)
+        checks.integer(self.keep, "method.keep", 1, self.num_patches)
+        grid = checks.sequence(self.grid, "method.grid", 2, 2)
+        for side in grid:
+            checks.integer(side, "method.grid[*]", 1, 1 << 16)
+        object.__setattr__(self, "grid", grid)
+        checks.integer(self.feature_layer, "method.feature_layer", -1024, 1024)
+        checks.integer(self.score_layer, "method.score_layer", 0, 1024)
 
 
 @dataclass(frozen=True)
@@ -129,14 +267,54 @@ class Manifest:
     precision: str = "float32"  # a key of PRECISIONS: what the graphs compute in
     format_version: int = FORMAT_VERSION
     toolkit_version: str = TOOLKIT_VERSION
+    # Every file of the export but the manifest -> {"bytes": n, "sha256": hex}: `Pipeline.load(verify=True)`.
+    files: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ManifestError(f"precision {self.precision!r} is unknown; expected one of {PRECISIONS}")
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
+            raise ManifestError(f"precision {checks._short(self.precision)} is unknown; expected one of {PRECISIONS}")
+        checks.text(self.family, "family")
+        checks.text(self.toolkit_version, "toolkit_version")
+        checks.mapping(self.source, "source", 64)
+        for role, value, kind in (("method", self.method, MethodSpec), ("prompt", self.prompt, PromptSpec),
+                                  ("llm", self.llm, LLMSpec)):
+            if not isinstance(value, kind):
+                raise ManifestError(f"manifest field {role} is malformed: re-export")
+        if not checks.mapping(self.graphs, "graphs", 64) or not all(isinstance(g, GraphSpec) for g in self.graphs.values()):
+            raise ManifestError("manifest field graphs must list the export's graphs: re-export")
+        if not checks.mapping(self.modalities, "modalities", 8) or not all(
+                isinstance(m, ModalitySpec) for m in self.modalities.values()):
+            raise ManifestError("manifest field modalities must describe at least one modality: re-export")
         for name, modality in self.modalities.items():
             for graph in modality.graphs:
                 if graph not in self.graphs:
                     raise ManifestError(f"modality {name!r} names graph {graph!r}, which the manifest does not list")
+            checks.integer(modality.placeholder_id, f"modalities[{name!r}].placeholder_id", 0, self.llm.vocab_size - 1)
+            _check_names(self.graphs[modality.vision], {PIXEL_VALUES}, {IMAGE_FEATURES, KEEP_INDICES})
+            _check_names(self.graphs[modality.projector], {IMAGE_FEATURES, KEEP_INDICES}, {IMAGE_EMBEDS})
+        if LLM not in self.graphs:
+            raise ManifestError(f"manifest has no {LLM!r} graph (it lists {sorted(self.graphs)[:8]}): re-export")
+        past, present = self.llm.cache_names()
+        _check_names(self.graphs[LLM], {INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, *past}, {LOGITS, *present},
+                     f" (llm.num_layers={self.llm.num_layers}, past_key={self.llm.past_key!r})")
+        for name, record in checks.mapping(self.files, "files", checks.MAX_ENTRIES).items():
+            checks.relative_path(name, "files key")
+            if not isinstance(record, dict) or set(record) != {"bytes", "sha256"}:
+                raise ManifestError(f"manifest field files[{name!r}] must be {{bytes, sha256}}: re-export")
+            checks.integer(record["bytes"], f"files[{name!r}].bytes", 0, 1 << 50)
+            checks.sha256(record["sha256"], f"files[{name!r}].sha256")
+
+    def paths(self) -> dict[str, str]:
+        """Every file name the manifest mentions -> the field that names it."""
+        named = {self.llm.embeddings: "llm.embeddings", self.prompt.tokenizer: "prompt.tokenizer"}
+        for key, graph in self.graphs.items():
+            named[graph.file] = f"graphs[{key!r}].file"
+            named.update({name: f"graphs[{key!r}].sizes" for name in graph.sizes})
+        for key, modality in self.modalities.items():
+            if hasattr(modality.layout, "newline"):
+                named[modality.layout.newline] = f"modalities[{key!r}].layout.newline"
+        named.update({name: "files" for name in self.files})
+        return named
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -160,17 +338,30 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_FILE
-        if not Path(directory).is_dir():
-            problem = "is not a directory" if Path(directory).exists() else "does not exist"
+        """Read and check DIR/manifest.json: at most MAX_MANIFEST_BYTES, every field's type and range, every
+        path it names inside DIR (symlinks resolved). Whether the files exist is the reader's business."""
+        directory = Path(directory)
+        path = directory / MANIFEST_FILE
+        if not directory.is_dir():
+            problem = "is not a directory" if directory.exists() else "does not exist"
             raise ManifestError(f"export directory {str(directory)!r} {problem}")
         if not path.is_file():
             raise ManifestError(f"{path} is missing: {str(directory)!r} is not an export directory")
+        checks.inside(directory, MANIFEST_FILE, "the manifest")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"{path} is not valid JSON ({exc})") from None
-        return cls.from_dict(data, where=str(path))
+            with open(path, "rb") as file:
+                raw = file.read(MAX_MANIFEST_BYTES + 1)
+            if len(raw) > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; a manifest is a few KB: "
+                                    "not an export's manifest, re-export")
+            data = json.loads(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ManifestError(f"{path} is not valid JSON ({reason}): re-export") from None
+        manifest = cls.from_dict(data, where=str(path))
+        for name, field_name in manifest.paths().items():
+            checks.inside(directory, name, field_name)
+        return manifest
 
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST_FILE) -> "Manifest":
@@ -183,13 +374,13 @@ class Manifest:
             )
         try:
             graphs = {
-                name: GraphSpec(
+                checks.text(name, "graphs key"): GraphSpec(
                     file=g["file"],
-                    inputs=tuple(TensorSpec(**t) for t in g["inputs"]),
-                    outputs=tuple(TensorSpec(**t) for t in g["outputs"]),
+                    inputs=tuple(TensorSpec(**t) for t in checks.sequence(g["inputs"], "graph inputs")),
+                    outputs=tuple(TensorSpec(**t) for t in checks.sequence(g["outputs"], "graph outputs")),
                     sizes=dict(g.get("sizes", {})),
                 )
-                for name, g in data["graphs"].items()
+                for name, g in checks.mapping(data["graphs"], "graphs", 64).items()
             }
             method = dict(data["method"])
             method["grid"] = tuple(method["grid"])
@@ -198,8 +389,8 @@ class Manifest:
             return cls(
                 family=data["family"],
                 method=MethodSpec(**method),
-                modalities={name: ModalitySpec(**{**m, "layout": layout_from_dict(m["layout"])})
-                            for name, m in data["modalities"].items()},
+                modalities={checks.text(name, "modalities key"): ModalitySpec(**{**m, "layout": layout_from_dict(m["layout"])})
+                            for name, m in checks.mapping(data["modalities"], "modalities", 8).items()},
                 prompt=PromptSpec(**data["prompt"]),
                 llm=LLMSpec(**llm),
                 graphs=graphs,
@@ -207,15 +398,28 @@ class Manifest:
                 precision=data["precision"],
                 format_version=data["format_version"],
                 toolkit_version=data["toolkit_version"],
+                files=dict(data.get("files", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"{where} is incomplete or malformed ({type(exc).__name__}: {exc})") from None
+            reason = " ".join(str(exc).split())[:200]
+            raise ManifestError(f"{where} is incomplete or malformed ({type(exc).__name__}: {reason}): re-export") from None
+
+
+def _check_names(spec: GraphSpec, inputs: set[str], outputs: set[str], why: str = "") -> None:
+    """The graph declares exactly `inputs` and at least `outputs` (the runtime feeds and reads these)."""
+    declared = {t.name for t in spec.inputs}
+    if declared != inputs:
+        missing, extra = sorted(inputs - declared)[:4], sorted(declared - inputs)[:4]
+        raise ManifestError(f"{spec.file} declares inputs missing {missing} and unexpected {extra}{why}: re-export")
+    missing = sorted(outputs - {t.name for t in spec.outputs})[:4]
+    if missing:
+        raise ManifestError(f"{spec.file} declares no outputs {missing}{why}: re-export")
 
 
 def check_files(directory: Path, spec: GraphSpec) -> None:
-    """The graph file and its external data exist and have the sizes the exporter recorded."""
+    """The graph file and its external data exist inside `directory` and have the sizes the exporter recorded."""
     for name, expected in spec.sizes.items():
-        path = directory / name
+        path = checks.inside(Path(directory), name, f"sizes of {spec.file}")
         if not path.is_file():
             raise ManifestError(f"{path} is missing: the export directory is incomplete, re-export it")
         actual = path.stat().st_size
@@ -224,3 +428,38 @@ def check_files(directory: Path, spec: GraphSpec) -> None:
                 f"{path} has {actual} bytes, the manifest says {expected}: the file is truncated or "
                 "replaced, re-export it"
             )
+
+
+def file_record(path: Path) -> dict:
+    """{"bytes": n, "sha256": hex} of one file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def record_files(directory: Path) -> dict[str, dict]:
+    """`Manifest.files` of an export directory being written: every regular file but the manifest."""
+    return {str(p.relative_to(directory)): file_record(p) for p in sorted(Path(directory).rglob("*"))
+            if p.is_file() and not p.is_symlink() and p.name != MANIFEST_FILE}
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Every file the exporter recorded has its recorded size and sha256 (a same-size corrupt file is caught)."""
+    if not manifest.files:
+        raise ManifestError(f"{Path(directory) / MANIFEST_FILE} records no file checksums (written before they were "
+                            "recorded): re-export to verify it")
+    for name, record in manifest.files.items():
+        path = checks.inside(Path(directory), name, "files")
+        if not path.is_file():
+            raise ManifestError(f"{path} is missing: the export directory is incomplete, re-export it")
+        actual = file_record(path)
+        if actual["bytes"] != record["bytes"]:
+            raise ManifestError(f"{path} has {actual['bytes']} bytes, the manifest says {record['bytes']}: the file "
+                                "is truncated or replaced, re-export it")
+        if actual["sha256"] != record["sha256"]:
+            raise ManifestError(f"{path} has sha256 {actual['sha256'][:16]}..., the manifest says "
+                                f"{record['sha256'][:16]}...: the file is corrupt or replaced, re-export it")

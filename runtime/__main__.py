@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from contract.cli import ArgumentParser, run
-from contract.errors import InputError
+from contract.errors import InputError, UserError
+from runtime.pipeline import MAX_THREADS
+
+"""Largest --threads: far above any CPU's cores, far below what ONNX Runtime or the OS would choke on."""
 
 
 def parser() -> ArgumentParser:
@@ -19,40 +24,86 @@ def parser() -> ArgumentParser:
         epilog='example: python -m runtime exports/llava15-k32 --image cat.jpg --prompt "What is in the picture?"',
     )
     p.add_argument("export_dir", type=Path, help="directory written by python -m export")
-    item = p.add_mutually_exclusive_group(required=True)
+    item = p.add_mutually_exclusive_group()  # one of them is required unless --verify comes alone (main)
     item.add_argument("--image", help="image file (JPEG, PNG, ...); grayscale/RGBA are converted to RGB")
     item.add_argument("--video", help="video file (MP4, AVI, WebM, ...; decoded with PyAV) for exports that take "
                       "videos (video-llava): the export's frame count is sampled uniformly")
-    p.add_argument("--prompt", required=True, help="question or instruction about the image")
+    p.add_argument("--prompt", help="question or instruction about the image (required with --image/--video)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
     p.add_argument("--seed", type=int, default=None, help="random seed for --sample")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--threads", type=_threads, default=0,
+                   help=f"ONNX Runtime intra-op threads, 0 to {MAX_THREADS} (default 0: all cores)")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or trt: the TensorRT engines "
                    "built by `python -m engines build EXPORT_DIR`")
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, kept indices, timings)")
     p.add_argument("--save-kept", type=Path, default=None, metavar="PNG",
                    help="save the image as the model saw it, with the kept patches outlined and the rest dimmed")
+    p.add_argument("--verify", action="store_true", help="first check every file of the export against the sha256 "
+                   "the manifest records (reads the whole export); alone, without --image/--video: only check")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..{MAX_THREADS} (0: all cores)")
+    return value
+
+
+def _write(text: str, end: str = "\n") -> None:
+    """Print to stdout now; a closed pipe (`| head -c1`) or a full disk (`> /dev/full`) is one error line.
+
+    stdout is then pointed at /dev/null, so the interpreter's own flush at exit cannot raise again."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except OSError as exc:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass  # stdout has no file descriptor (replaced by the caller): nothing buffered will be flushed
+        reason = "it was closed (broken pipe)" if isinstance(exc, BrokenPipeError) else exc.strerror or str(exc)
+        raise UserError(f"cannot write the answer to standard output: {reason}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    alone = args.verify and args.image is None and args.video is None and args.prompt is None
+    if not alone and (args.image is None and args.video is None or args.prompt is None):
+        p.error("the following arguments are required: --image or --video, and --prompt (or --verify alone)")
     return run(lambda: _run(args), args.debug)
 
 
 def _run(args) -> int:
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.export_dir, backend=args.backend, threads=args.threads)
+    if args.save_kept is not None:
+        from runtime.visualize import check_save_path
+
+        check_save_path(args.save_kept)
+    if args.image is None and args.video is None:  # --verify alone
+        from contract.manifest import Manifest, verify_files
+
+        manifest = Manifest.read(args.export_dir)
+        verify_files(args.export_dir, manifest)
+        _write(f"{args.export_dir}: {len(manifest.files)} files match the manifest's sha256")
+        return 0
+    pipe = Pipeline.load(args.export_dir, backend=args.backend, threads=args.threads, verify=args.verify)
     modality, source = ("video", args.video) if args.video is not None else ("image", args.image)
     if modality not in pipe.manifest.modalities:
         raise InputError(f"--{modality}: the export in {str(args.export_dir)!r} ({pipe.manifest.family}) takes "
                          f"{' or '.join(sorted(pipe.manifest.modalities))} input only")
-    stream = None if args.json else (lambda row, piece: print(piece, end="", flush=True))
+    stream = None if args.json else (lambda row, piece: _write(piece, end=""))
     result = pipe.generate(
         source, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_text=stream, modality=modality,
@@ -65,7 +116,7 @@ def _run(args) -> int:
                   pipe.modality(modality).preprocess, pipe.manifest.method.grid)
     method = pipe.manifest.method
     if args.json:
-        print(json.dumps({
+        _write(json.dumps({
             "text": result.text,
             "token_ids": result.token_ids,
             "finish_reason": result.finish_reason,
@@ -76,7 +127,7 @@ def _run(args) -> int:
         }, indent=2))
         return 0
     t = result.timings
-    print()
+    _write("")
     print(
         f"-- {method.name} kept {method.keep}/{method.num_patches} visual tokens"
         f"{' per sub-image' if result.kept_indices.ndim > 1 else ''} | prompt {result.prompt_tokens} tokens | "

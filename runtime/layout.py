@@ -26,6 +26,7 @@ import numpy as np
 from contract.errors import ManifestError
 from contract.manifest import Manifest, ModalitySpec
 from runtime import anyres
+from runtime.files import read_npy
 from runtime.preprocess import ImageSource, load_image, preprocess
 from runtime.video import Frames
 
@@ -79,7 +80,7 @@ class AnyresHF:
         self.resolutions = [list(r) for r in modality.layout.grid_pinpoints]
         self.tile = modality.layout.tile
         self.patch_rows, self.patch_cols = manifest.method.grid
-        self.newline = np.load(directory / modality.layout.newline)  # [D]
+        self.newline = read_npy(directory / modality.layout.newline, "float32", (manifest.llm.hidden_size,))  # [D]
 
     def tiles(self, source: ImageSource) -> tuple[np.ndarray, tuple[int, int]]:
         image = load_image(source)

@@ -8,23 +8,25 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from contract import names
 from contract.errors import InputError, ManifestError
-from contract.manifest import Manifest, check_files
-from runtime.backends.onnxruntime import OrtRunner
+from contract.manifest import Manifest, check_files, verify_files
+from runtime.backends.base import HostSplicer, Runner, Splicer, to_numpy
+from runtime.files import EmbeddingTable, read_tokenizer
 from runtime.generation import Generator, SamplingOptions
 from runtime.layout import make_layout
-from runtime.prompt import render_chat_template, user_message
+from runtime.prompt import check_prompt_text, refuse_control_tokens, render_chat_template, user_message
 
-# Pipeline.load's backend names -> backend. TensorRT's module is imported only when it is asked for.
+MAX_THREADS = 1024  # intra-op threads a session may ask for (0: ONNX Runtime's default, all cores)
+# Pipeline.load's backend names -> module of runtime.backends, imported only when it is asked for.
 BACKENDS = {"onnxruntime": "onnxruntime", "ort": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt"}
 
 
@@ -82,54 +84,67 @@ class Result:
 
 
 class Pipeline:
-    """An export directory loaded for inference. `Pipeline.load(dir)`, then `generate` or `stream`."""
+    """An export directory loaded for inference. `Pipeline.load(dir)`, then `generate` or `stream`.
 
-    def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, OrtRunner]):
+    runners: graph name -> an active runtime.backends.base.Runner (ONNX Runtime session, TensorRT engine);
+    splicer: the backend's splice step (HostSplicer: numpy on the host; TensorRT: device copies).
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, Runner],
+                 splicer: Splicer = HostSplicer()):
         self.directory = directory
         self.manifest = manifest
         self.runners = runners
-        try:
-            self.tokenizer = Tokenizer.from_file(str(directory / manifest.prompt.tokenizer))
-        except Exception as exc:  # the tokenizers library raises its own exception type
-            raise ManifestError(f"{directory / manifest.prompt.tokenizer} cannot be read ({exc}): re-export") from None
-        try:  # memory-mapped: a 7B model's table is read on demand, row by row
-            embeddings = np.load(directory / manifest.llm.embeddings, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise ManifestError(f"{directory / manifest.llm.embeddings} cannot be read ({exc}): re-export") from None
-        if embeddings.shape != (manifest.llm.vocab_size, manifest.llm.hidden_size):
-            raise ManifestError(
-                f"{manifest.llm.embeddings} has shape {embeddings.shape}, expected "
-                f"{(manifest.llm.vocab_size, manifest.llm.hidden_size)}: re-export"
-            )
-        self.generator = Generator(runners[names.LLM], manifest.llm, np.asarray(embeddings))
+        self.splicer = splicer
+        self.tokenizer = read_tokenizer(directory / manifest.prompt.tokenizer)
+        # Read row by row with pread, not memory-mapped: survives the file being replaced (runtime/files.py).
+        embeddings = EmbeddingTable(directory / manifest.llm.embeddings, manifest.llm.vocab_size,
+                                    manifest.llm.hidden_size)
+        top = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=0)
+        if top >= manifest.llm.vocab_size:
+            raise ManifestError(f"{directory / manifest.prompt.tokenizer} has token id {top}, beyond the "
+                                f"{manifest.llm.vocab_size}-row embedding table: re-export")
+        self.generator = Generator(runners[names.LLM], manifest.llm, embeddings)
         self.layouts = {name: make_layout(m, manifest, directory) for name, m in manifest.modalities.items()}
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
-             threads: int = 0, cuda_graphs: bool = False) -> "Pipeline":
+             threads: int = 0, cuda_graphs: bool = False, verify: bool = False) -> "Pipeline":
         """Load an export directory. backend: 'onnxruntime' (CPU by default, CUDA when onnxruntime-gpu is
         installed) or 'trt' (the TensorRT engines in DIR/engines, see runtime/backends/tensorrt.py;
-        cuda_graphs: replay captured CUDA graphs). Every file is checked before any session starts."""
+        cuda_graphs: replay captured CUDA graphs). Every file is checked before any session starts; verify:
+        also every file's sha256 against the manifest (catches a same-size corrupt file; reads the whole export)."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
+        if verify:  # every file's sha256 against the manifest (reads every byte of the export)
+            verify_files(directory, manifest)
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r} is not available; use 'onnxruntime' or 'trt'")
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 0 <= threads <= MAX_THREADS:
+            raise InputError(f"threads={threads!r} must be an integer in 0..{MAX_THREADS} (0: all cores)")
         needed = {names.LLM} | {g for m in manifest.modalities.values() for g in m.graphs}
         for name in sorted(needed):
             if name not in manifest.graphs:
                 raise ManifestError(f"manifest in {directory} has no {name!r} graph")
             check_files(directory, manifest.graphs[name])
-        for name in (manifest.prompt.tokenizer, manifest.llm.embeddings):
+        newlines = [m.layout.newline for m in manifest.modalities.values() if hasattr(m.layout, "newline")]
+        for name in (manifest.prompt.tokenizer, manifest.llm.embeddings, *newlines):
             if not (directory / name).is_file():
                 raise ManifestError(f"{directory / name} is missing: the export directory is incomplete, re-export it")
         if BACKENDS[backend] == "tensorrt":  # engines of `python -m engines build`; stale or foreign ones refused
-            from runtime.backends.tensorrt import TrtPipeline
+            from runtime.backends import tensorrt
 
-            return TrtPipeline.from_engines(directory, manifest, cuda_graphs)
-        # Only the LLM graph runs back to back (decode steps); the others run once per query.
-        runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name == names.LLM)).activate()
-                   for name, spec in manifest.graphs.items()}
-        return cls(directory, manifest, runners)
+            runners, splicer = tensorrt.load(directory, manifest, cuda_graphs)
+        else:
+            from runtime.backends import onnxruntime
+
+            runners, splicer = onnxruntime.load(directory, manifest, providers, threads)
+        try:
+            return cls(directory, manifest, runners, splicer)
+        except BaseException:  # device buffers and sessions are released, not left to the garbage collector
+            for runner in runners.values():
+                runner.deactivate()
+            raise
 
     # --- pieces ------------------------------------------------------------------------------------
     def modality(self, name: str):
@@ -138,15 +153,16 @@ class Pipeline:
         return self.manifest.modalities[name]
 
     def prompt_ids(self, prompt: str, modality: str = "image") -> list[int]:
-        """Token ids of `prompt` in the checkpoint's chat template, with one placeholder token for the item."""
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a str, got {type(prompt).__name__} {prompt!r:.80}")
+        """Token ids of `prompt` in the checkpoint's chat template, with one placeholder token for the item.
+        The text is checked first (type, length bound, UTF-8, control tokens: runtime/prompt.py)."""
+        prompt = check_prompt_text(prompt, self.tokenizer, self.manifest.llm.max_seq_len)
         if not prompt.strip():
             raise InputError(f"prompt {prompt!r} is empty; give a question or instruction about the {modality}")
         spec = self.modality(modality)
         for other in self.manifest.modalities.values():
             if other.placeholder in prompt:
                 raise InputError(f"the prompt contains the placeholder {other.placeholder!r}; the {modality} is added for you")
+        refuse_control_tokens(prompt, self.tokenizer)
         messages = user_message(prompt, content_type=spec.content_type)
         text = render_chat_template(self.manifest.prompt.chat_template, messages, **self.manifest.prompt.special_tokens)
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids
@@ -154,8 +170,9 @@ class Pipeline:
             raise ManifestError(f"the chat template produced {ids.count(spec.placeholder_id)} {spec.placeholder!r} tokens, expected 1")
         return ids
 
-    def encode(self, sources: Sequence, modality: str, timings: Timings) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Images (or videos) -> per item: its tokens in LLM order [T, D], and the kept indices [S, K]."""
+    def encode(self, sources: Sequence, modality: str, timings: Timings) -> tuple[list, list[np.ndarray]]:
+        """Images (or videos) -> per item: its tokens in LLM order [T, D] (where the splicer keeps them: a
+        numpy array on the host, or a device view), and the kept indices [S, K]."""
         spec = self.modality(modality)
         layout = self.layouts[modality]
         start = time.perf_counter()
@@ -163,44 +180,49 @@ class Pipeline:
         pixel_values = np.concatenate([pixels for pixels, _ in cut])  # [sum S, 3, H, W]
         timings.preprocess += time.perf_counter() - start
         start = time.perf_counter()
-        vision = self.runners[spec.vision].infer({names.PIXEL_VALUES: pixel_values})
+        vision = self.runners[spec.vision].infer_bound({names.PIXEL_VALUES: pixel_values})
         timings.vision += time.perf_counter() - start
         start = time.perf_counter()
-        projected = self.runners[spec.projector].infer(
+        projected = self.runners[spec.projector].infer_bound(
             {names.IMAGE_FEATURES: vision[names.IMAGE_FEATURES], names.KEEP_INDICES: vision[names.KEEP_INDICES]}
         )
         timings.projector += time.perf_counter() - start
-        tokens, kept, at = [], [], 0
+        keep = to_numpy(vision[names.KEEP_INDICES])  # [sum S, K]
+        items, at = [], 0
         for pixels, size in cut:
-            part = slice(at, at + len(pixels))
+            items.append((slice(at, at + len(pixels)), size))  # the item's sub-images
             at += len(pixels)
-            kept.append(vision[names.KEEP_INDICES][part])
-            tokens.append(layout.assemble(projected[names.IMAGE_EMBEDS][part], kept[-1], size))
-        return tokens, kept
+        tokens = self.splicer.tokens(layout, projected[names.IMAGE_EMBEDS], keep, items)
+        return tokens, [keep[part] for part, _ in items]
 
-    def splice(self, prompt_ids: list[list[int]], visual: list[np.ndarray], modality: str = "image"
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Text embeddings with each prompt's placeholder replaced by its item's tokens [T, D], left-padded
-        to one length. -> inputs_embeds [B, S, D], attention_mask [B, S]."""
+    def splice(self, prompt_ids: list[list[int]], visual: list, modality: str = "image") -> tuple[object, np.ndarray]:
+        """Text embeddings with each prompt's placeholder replaced by its item's tokens (from `encode`),
+        left-padded to one length. -> inputs_embeds [B, S, D] (numpy, or the LLM's device buffer), attention_mask [B, S].
+
+            row:  pad ... pad | text before the placeholder | visual tokens (T) | text after it
+            mask:  0  ...  0  |  1 ...                                                    ... 1
+        """
         placeholder = self.modality(modality).placeholder_id
         table = self.generator.embeddings
-        rows = []
-        for ids, tokens in zip(prompt_ids, visual):
-            at = ids.index(placeholder)
-            rows.append(np.concatenate([table[ids[:at]], tokens, table[ids[at + 1:]]]).astype(np.float32))
-        length = max(len(r) for r in rows)
+        counts = [int(np.prod(v.shape[:-1])) for v in visual]  # visual tokens per prompt ([T, D] or [1, K, D])
+        lengths = [len(ids) - 1 + n for ids, n in zip(prompt_ids, counts)]
+        length = max(lengths)
         if length >= self.manifest.llm.max_seq_len:
             raise InputError(
-                f"the prompt takes {length} tokens (with {max(len(v) for v in visual)} visual tokens); this export "
+                f"the prompt takes {length} tokens (with {max(counts)} visual tokens); this export "
                 f"handles at most {self.manifest.llm.max_seq_len - 1} before the answer: shorten the prompt"
             )
-        embeds = np.zeros((len(rows), length, table.shape[1]), np.float32)
-        embeds[:] = table[self.manifest.llm.pad_token_id]
-        mask = np.zeros((len(rows), length), np.int64)
-        for i, row in enumerate(rows):
-            embeds[i, length - len(row):] = row
-            mask[i, length - len(row):] = 1
-        return embeds, mask
+        text = np.empty((len(prompt_ids), length, table.shape[1]), np.float32)  # [B, S, D]
+        text[:] = table[self.manifest.llm.pad_token_id]
+        mask = np.zeros((len(prompt_ids), length), np.int64)
+        gaps = []
+        for row, (ids, n, tokens) in enumerate(zip(prompt_ids, counts, visual)):
+            start, at = length - lengths[row], ids.index(placeholder)
+            text[row, start:start + at] = table[ids[:at]]
+            text[row, start + at + n:] = table[ids[at + 1:]]
+            mask[row, start:] = 1
+            gaps.append((row, start + at, tokens))
+        return self.splicer.fill(text, gaps), mask
 
     # --- generation ----------------------------------------------------------------------------------
     def generate(self, image, prompt, max_new_tokens: int = 64, *, do_sample: bool = False,
@@ -244,8 +266,9 @@ class Pipeline:
              lazy: bool = False):
         """Generator behind generate() and stream(): with lazy=True it yields after every token (None),
         then the results; otherwise it yields only the results."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        max_new_tokens = int(max_new_tokens)  # numpy integers accepted, plain int from here on
         began = time.perf_counter()
         timings = Timings()
         start = time.perf_counter()

@@ -12,12 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from contract.errors import InputError, ManifestError
 
 MAX_PIXELS = 8192 * 8192
 """Largest accepted width * height. Below PIL's own decompression-bomb limit, so this check fires first."""
+
+MAX_RESIZED_PIXELS = 4096 * 4096
+"""Largest accepted width * height after the spec's resize, computed before resizing. The shortest-edge resize
+scales the long side by the aspect ratio, so a 98-byte 1x3000 PNG would become 336x1008000 (3.4 GB of work).
+With shortest_edge 336 this allows aspect ratios up to 148:1 (224: 334:1); any photo, panorama or tall
+screenshot passes, and the largest resized image is 48 MiB of RGB."""
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
+"""The only Pillow decoders an image file is opened with, whatever its name (animated GIF, WebP and PNG and
+multi-page TIFF: the first frame). Pillow's other plugins are never tried: EPS would hand the file to
+Ghostscript, and rarely used decoders are attack surface a camera or a user never needs."""
 
 SPEC_KEYS = frozenset(
     {
@@ -58,13 +69,17 @@ def load_image(source: ImageSource) -> Image.Image:
       16-bit photo white; we deliberately differ. Mode I with values outside 0..65535 is refused.
     - F (32-bit float): refused. Its range (0..1 or 0..255) is not defined, and converting clips silently.
 
+    Files are opened only with the decoders in ALLOWED_FORMATS (checked by content, not by name). The result
+    carries what it was loaded from in `info["source"]`, so later errors (see `resize_and_crop`) name it.
+
     Raises InputError (one line, naming the path or the value) for a missing file, a file that is not an
-    image or is corrupt or truncated, an empty image, more than MAX_PIXELS pixels (also when PIL's own
-    decompression-bomb check fires, warning included), and an unsupported array or mode.
+    image in one of ALLOWED_FORMATS or is corrupt or truncated, an empty image, more than MAX_PIXELS pixels
+    (also when PIL's own decompression-bomb check fires, warning included), and an unsupported array or mode.
+    A PIL image given here is decoded as it was opened: the caller chose its decoder.
     """
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        return _to_rgb(_open_file(path), str(path))
+        what = f"image file {describe_path(source)}"
+        return _named(_to_rgb(_open_file(Path(source)), what), what)
     if isinstance(source, Image.Image):
         what = f"PIL image (mode {source.mode}, {source.width}x{source.height})"
         _check_size(source.width, source.height, what)
@@ -72,9 +87,10 @@ def load_image(source: ImageSource) -> Image.Image:
             upright = ImageOps.exif_transpose(source)
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"{what} cannot be decoded: {exc}") from exc
-        return _to_rgb(upright, what)
+        return _named(_to_rgb(upright, what), what)
     if isinstance(source, np.ndarray):
-        return _to_rgb(_from_array(source), f"numpy image of shape {source.shape}")
+        what = f"numpy image of shape {source.shape}"
+        return _named(_to_rgb(_from_array(source), what), what)
     raise InputError(f"image source must be a path, a PIL image or a numpy array, got {type(source).__name__}")
 
 
@@ -96,6 +112,16 @@ def preprocess(images: list[Image.Image], spec: dict[str, Any]) -> np.ndarray:
     return rescale_and_normalize(np.stack(crops), spec)
 
 
+def describe_path(path: str | Path) -> str:
+    """A path quoted for a one-line message: repr escapes newlines and undecodable bytes (surrogates)."""
+    return repr(str(path))
+
+
+def _named(image: Image.Image, what: str) -> Image.Image:
+    image.info["source"] = what
+    return image
+
+
 def rescale_and_normalize(pixels: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """uint8 [B, H, W, 3] (after resize and crop) -> the vision graph's float32 [B, 3, H, W]."""
     table = _value_table(spec)  # [3, 256] float32
@@ -105,23 +131,29 @@ def rescale_and_normalize(pixels: np.ndarray, spec: dict[str, Any]) -> np.ndarra
 def _open_file(path: Path) -> Image.Image:
     """Open and fully decode an image file; `.load()` inside the try is what catches truncated files.
 
-    PIL's decompression-bomb warning is turned into an error here, so it can never pass silently.
+    PIL's decompression-bomb warning is turned into an error here, so it can never pass silently. Only the
+    decoders in ALLOWED_FORMATS are tried (PIL's `formats=`), so no other plugin ever sees the bytes.
     """
+    name = describe_path(path)
     if not path.exists():
-        raise InputError(f"image file not found: {path}")
+        raise InputError(f"image file not found: {name}")
     if not path.is_file():
-        raise InputError(f"image path is not a file: {path}")
+        raise InputError(f"image path is not a file: {name}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as opened:
-                _check_size(opened.width, opened.height, f"image file {path}")
+            with Image.open(path, formats=ALLOWED_FORMATS) as opened:
+                _check_size(opened.width, opened.height, f"image file {name}")
                 opened.load()
                 return ImageOps.exif_transpose(opened)
+        except UnidentifiedImageError:
+            raise InputError(f"cannot read image file {name}: not an image in one of the formats this runtime "
+                             f"opens ({', '.join(ALLOWED_FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InputError(f"image file {path} is too large to open safely (limit {MAX_PIXELS} pixels)") from exc
+            raise InputError(f"image file {name} is too large to open safely (limit {MAX_PIXELS} pixels)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise InputError(f"cannot read image file {path}: not an image, or corrupt or truncated ({exc})") from exc
+            raise InputError(f"cannot read image file {name}: not an image, or corrupt or truncated "
+                             f"({' '.join(str(exc).split())})") from exc
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -176,7 +208,12 @@ def _sixteen_to_eight_bit(image: Image.Image, what: str) -> Image.Image:
 
 
 def resize_and_crop(image: Image.Image, spec: dict[str, Any], what: str) -> np.ndarray:
-    """One image through convert, resize and crop; returns [H, W, 3] uint8, as transformers has it then."""
+    """One image through convert, resize and crop; returns [H, W, 3] uint8, as transformers has it then.
+
+    The size after resizing is computed first and refused beyond MAX_RESIZED_PIXELS, so an extreme aspect ratio
+    costs nothing. `what` names the image in errors unless `load_image` recorded a better name in its info.
+    """
+    what = image.info.get("source", what)
     _check_size(image.width, image.height, what)
     if spec["do_convert_rgb"]:
         image = _to_rgb(image, what)
@@ -184,11 +221,24 @@ def resize_and_crop(image: Image.Image, spec: dict[str, Any], what: str) -> np.n
         raise InputError(f"{what} has mode {image.mode}, but this spec (do_convert_rgb false) needs RGB images")
     if spec["do_resize"]:
         height, width = _resize_shape(image.height, image.width, spec["size"])
+        _check_resized(image, width, height, spec["size"], what)
         image = image.resize((width, height), resample=spec["resample"])
     pixels = np.asarray(image)  # [H, W, 3] uint8
     if spec["do_center_crop"]:
         pixels = _center_crop(pixels, spec["crop_size"]["height"], spec["crop_size"]["width"])
     return pixels
+
+
+def _check_resized(image: Image.Image, width: int, height: int, size: dict[str, int], what: str) -> None:
+    if width * height <= MAX_RESIZED_PIXELS:
+        return
+    ratio = max(image.width, image.height) / min(image.width, image.height)
+    limit = MAX_RESIZED_PIXELS // size["shortest_edge"] ** 2 if "shortest_edge" in size else None
+    raise InputError(
+        f"{what} is {image.width}x{image.height} pixels (aspect ratio {ratio:.0f}:1) and would be resized to "
+        f"{width}x{height}, over the limit of {MAX_RESIZED_PIXELS} pixels after resizing"
+        + (f"; crop it to an aspect ratio of at most {limit}:1" if limit else "")
+    )
 
 
 def _resize_shape(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:

@@ -19,9 +19,61 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
 import jinja2.runtime
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
 
 from contract.errors import InputError, ManifestError
+from runtime import bounded_jinja
+
+
+def check_prompt_text(prompt: object, tokenizer: Tokenizer, max_seq_len: int) -> str:
+    """Refuse a prompt before anything else looks at it; returns it unchanged. In order, each cheap:
+
+    - not a str;
+    - longer than `max_prompt_chars`: certainly more tokens than the export takes, refused before the
+      tokenizer sees it (a 50 MB prompt takes 13.8 GB inside the tokenizer);
+    - not encodable as UTF-8: lone surrogates, which is how Python hands over command-line bytes that are
+      not UTF-8 (`--prompt $'caf\\xe9'`), or "\\ud800" through the API.
+    """
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a str, got {type(prompt).__name__} {prompt!r:.80}")
+    limit = max_prompt_chars(tokenizer, max_seq_len)
+    if len(prompt) > limit:
+        raise InputError(f"the prompt has {len(prompt)} characters; this export takes at most {max_seq_len} tokens, "
+                         f"at most {limit} characters with its tokenizer: shorten the prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(prompt[exc.start])
+        what = (f"byte 0x{bad - 0xDC00:02x} that is not UTF-8" if 0xDC80 <= bad <= 0xDCFF
+                else f"lone surrogate U+{bad:04X}")
+        raise InputError(f"the prompt has a {what} at character {exc.start}: give UTF-8 text") from None
+    return prompt
+
+
+def refuse_control_tokens(prompt: str, tokenizer: Tokenizer) -> None:
+    """Refuse a prompt containing any added token of the tokenizer (`<|im_start|>`, `<|im_end|>`, the image
+    placeholder, ...): the tokenizer would read it as that control token, not as text, which lets user text
+    close its turn and open a system one (role injection). Refused rather than escaped: transformers'
+    `apply_chat_template` would tokenise it as the control token too, so there is no reference to match."""
+    for token in control_tokens(tokenizer):
+        if token in prompt:
+            raise InputError(f"the prompt contains the tokenizer's control token {token!r}, which would be read as "
+                             "that token rather than as text: remove it")
+
+
+@lru_cache(maxsize=8)
+def max_prompt_chars(tokenizer: Tokenizer, max_seq_len: int) -> int:
+    """max_seq_len x the longest vocabulary entry in characters: a longer prompt cannot fit in max_seq_len
+    tokens, as no token covers more characters of the text than its vocabulary entry has (byte-level entries
+    have one character per byte, SentencePiece ones one per character; byte-fallback entries more)."""
+    return max_seq_len * max((len(entry) for entry in tokenizer.get_vocab(with_added_tokens=False)), default=1)
+
+
+@lru_cache(maxsize=8)
+def control_tokens(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """Every added token's text (special or not): the tokenizer matches these before anything else."""
+    return tuple(sorted({token.content for token in tokenizer.get_added_tokens_decoder().values() if token.content}))
+
 
 # Message fields a reasoning text may come under; transformers copies it to the first (and to "thinking").
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -54,12 +106,21 @@ def render_chat_template(
     """
     compiled = _compile(template)
     chat = [_template_message(message) for message in messages]
-    try:
-        return compiled.render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **extra
+    try:  # bounded in time and size (runtime/bounded_jinja.py): the template comes from an untrusted manifest
+        return bounded_jinja.render(
+            compiled, messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **extra
         )
     except _TemplateRaised as exc:
-        raise InputError(f"the chat template refused the conversation: {exc}") from None
+        raise InputError(f"the chat template refused the conversation: {_one_line(exc)}") from None
+    except bounded_jinja.TemplateTooCostly as exc:
+        raise ManifestError(f"the manifest's chat template is refused: {_one_line(exc)}; re-export") from None
+    except Exception as exc:  # anything the template's code raises (undefined names, 1/0, sandbox refusals)
+        raise ManifestError(f"the manifest's chat template fails to render ({type(exc).__name__}: "
+                            f"{_one_line(exc)}): re-export") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 class _TemplateRaised(Exception):
@@ -98,7 +159,7 @@ def _strftime_now(format: str) -> str:
 @lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
     """Compile once per template string (the runtime renders the same template for every request)."""
-    environment = ImmutableSandboxedEnvironment(
+    environment = bounded_jinja.BoundedEnvironment(  # an ImmutableSandboxedEnvironment, bounded
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     environment.filters["tojson"] = _tojson
@@ -107,7 +168,9 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return environment.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise ManifestError(f"chat template does not parse: line {exc.lineno}: {exc.message}") from None
+        raise ManifestError(f"chat template does not parse: line {exc.lineno}: {_one_line(exc.message)}") from None
+    except RecursionError:
+        raise ManifestError("chat template does not parse: nested too deeply") from None
 
 
 def _template_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ in training, and a short "video" is more often a mistake (a still image, a wrong
 
 Files are decoded with PyAV (the optional dependency `prunevlm[video]`), frame by frame in decode order,
 converted with `to_ndarray(format="rgb24")` as transformers' `read_video_pyav` does; only the sampled
-frames are converted and kept.
+frames are converted and kept. Only the container formats in CONTAINERS are demuxed and only local files
+are read (FFmpeg's `format_whitelist` and `protocol_whitelist`): a playlist (HLS `.m3u8`, `.m3u`, `.pls`,
+DASH `.mpd`, `ffconcat`) names other files or URLs and is refused before FFmpeg sees it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ from PIL import Image
 
 from contract.errors import InputError
 from contract.manifest import Manifest, ModalitySpec
-from runtime.preprocess import ImageSource, load_image, preprocess
+from runtime.preprocess import ALLOWED_FORMATS, ImageSource, describe_path, load_image, preprocess
 
 VideoSource = str | Path | np.ndarray | Sequence[ImageSource]
+
+CONTAINERS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "asf",
+              "ogg", "gif", "h264", "hevc", "m4v")
+"""FFmpeg demuxers a video file may be read with (MP4/MOV, MKV/WebM, AVI, MPEG-TS/PS, FLV, WMV, Ogg, animated
+GIF, raw H.264/HEVC/MPEG-4). Demuxers that open other files (hls, concat, dash, image2, ...) are not among them."""
+_AV_OPTIONS = {"format_whitelist": ",".join(CONTAINERS), "protocol_whitelist": "file"}
+
+_PLAYLIST_EXTENSIONS = frozenset({".m3u8", ".m3u", ".pls", ".mpd", ".ffconcat", ".xspf", ".asx", ".smil"})
+_PLAYLIST_STARTS = {b"#EXTM3U": "M3U/HLS", b"#EXT-X-": "HLS", b"ffconcat": "ffconcat", b"[playlist]": "PLS",
+                    b"<": "XML (DASH, XSPF, ASX or SMIL)"}
 
 
 def sample_indices(total: int, num_frames: int, what: str) -> np.ndarray:
@@ -74,40 +86,61 @@ def _decode_file(path: Path, num_frames: int) -> list[Image.Image]:
     """Decode once, keeping only the sampled frames. The frame count comes from the container (trusted, as
     transformers' `read_video_pyav` trusts it); when it is missing (0) or too high (the stream ends before
     the last sampled frame), a counting pass is run and the file decoded again."""
+    name = describe_path(path)
     if not path.exists():
-        raise InputError(f"video file not found: {path}")
+        raise InputError(f"video file not found: {name}")
     if not path.is_file():
-        raise InputError(f"video path is not a file: {path}")
-    _refuse_still_image(path)
+        raise InputError(f"video path is not a file: {name}")
+    _refuse_playlist(path, name)
+    _refuse_still_image(path, name)
     av = _import_av()
     try:
-        with av.open(os.fspath(path)) as container:
+        with _open(av, path) as container:
             if not container.streams.video:
-                raise InputError(f"{path} has no video stream (streams: {[s.type for s in container.streams]})")
+                raise InputError(f"{name} has no video stream (streams: {[s.type for s in container.streams]})")
             total = container.streams.video[0].frames
         if total >= num_frames:
-            frames = _pick(av, path, sample_indices(total, num_frames, f"video file {path}"))
+            frames = _pick(av, path, sample_indices(total, num_frames, f"video file {name}"), name)
             if frames is not None:
                 return frames
         total = _count(av, path)
-        frames = _pick(av, path, sample_indices(total, num_frames, f"video file {path}"))
+        frames = _pick(av, path, sample_indices(total, num_frames, f"video file {name}"), name)
     except av.FFmpegError as exc:
-        raise InputError(f"cannot decode video file {path}: {exc}") from None
+        raise InputError(f"cannot decode video file {name}: {exc.strerror or exc}; the runtime reads the "
+                         f"containers {', '.join(CONTAINERS)}") from None
     if frames is None:  # pragma: no cover - the second pass decodes the same frames it just counted
-        raise InputError(f"cannot decode video file {path}: the number of decoded frames changed between passes")
+        raise InputError(f"cannot decode video file {name}: the number of decoded frames changed between passes")
     return frames
 
 
-def _pick(av, path: Path, indices: np.ndarray) -> list[Image.Image] | None:
+def _open(av, path: Path):
+    """A container restricted to CONTAINERS and to local files (FFmpeg refuses anything else when opening)."""
+    return av.open(os.fspath(path), container_options=_AV_OPTIONS)
+
+
+def _refuse_playlist(path: Path, name: str) -> None:
+    """A playlist names other files (or URLs) for FFmpeg to read: refused by its name or its first bytes."""
+    with open(path, "rb") as handle:
+        start = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    kind = next((kind for magic, kind in _PLAYLIST_STARTS.items() if start.startswith(magic)), None)
+    if kind is None and path.suffix.lower() in _PLAYLIST_EXTENSIONS:
+        kind = path.suffix.lower()
+    if kind is not None:
+        raise InputError(f"video file {name} is a playlist ({kind}) that names other files; give the video "
+                         "file itself")
+
+
+def _pick(av, path: Path, indices: np.ndarray, name: str) -> list[Image.Image] | None:
     """The frames at `indices` (sorted, distinct) in decode order; None when the stream ends first."""
     wanted = {int(i) for i in indices}
     found: dict[int, Image.Image] = {}
-    with av.open(os.fspath(path)) as container:
+    with _open(av, path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for position, frame in enumerate(container.decode(stream)):
             if position in wanted:
                 found[position] = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                found[position].info["source"] = f"frame {position} of video file {name}"
                 if len(found) == len(wanted):
                     break
     if len(found) < len(wanted):
@@ -116,21 +149,22 @@ def _pick(av, path: Path, indices: np.ndarray) -> list[Image.Image] | None:
 
 
 def _count(av, path: Path) -> int:
-    with av.open(os.fspath(path)) as container:
+    with _open(av, path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         return sum(1 for _ in container.decode(stream))
 
 
-def _refuse_still_image(path: Path) -> None:
-    """A still image file (which FFmpeg would read as a 1-frame video) gets a line that names the mix-up."""
+def _refuse_still_image(path: Path, name: str) -> None:
+    """A still image file (which FFmpeg would read as a 1-frame video) gets a line that names the mix-up.
+    Only the image decoders the runtime allows are tried (never EPS, which would run Ghostscript)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=ALLOWED_FORMATS) as image:
             frames, kind = getattr(image, "n_frames", 1), image.format
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return  # not an image PIL knows: a video, or garbage that PyAV will refuse
     if frames == 1:
-        raise InputError(f"{path} is a still image ({kind}), not a video: pass it as an image (--image)")
+        raise InputError(f"{name} is a still image ({kind}), not a video: pass it as an image (--image)")
 
 
 class Frames:

@@ -8,6 +8,21 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from contract.errors import InputError
+from runtime.preprocess import ALLOWED_FORMATS
+
+
+def check_save_path(path: str | Path) -> str:
+    """The image format `path` names by its extension, one of ALLOWED_FORMATS; checked before any work, so a
+    bad --save-kept is refused before the answer is printed. The source image itself is read again through
+    `runtime.preprocess.load_image` (the same allow-list), never opened here."""
+    suffix = Path(path).suffix.lower()
+    kind = Image.registered_extensions().get(suffix)
+    if kind not in ALLOWED_FORMATS:
+        extensions = sorted(e for e, f in Image.registered_extensions().items() if f in ALLOWED_FORMATS)
+        raise InputError(f"--save-kept {str(path)!r}: the name must end in one of {', '.join(extensions)}")
+    if not Path(path).parent.is_dir():
+        raise InputError(f"--save-kept {str(path)!r}: the folder {str(Path(path).parent)!r} does not exist")
+    return kind
 
 
 def model_view(pixel_values: np.ndarray, spec: dict) -> Image.Image:
@@ -52,6 +67,6 @@ def save_kept(path: str | Path, pixel_values: np.ndarray, kept: np.ndarray, spec
     scale = scale if len(views) == 1 else 1
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     try:
-        picture.save(path)
+        picture.save(path, format=check_save_path(path))
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot write --save-kept {str(path)!r}: {exc}") from None

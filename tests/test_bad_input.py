@@ -98,6 +98,7 @@ def test_export_refuses_existing_directory(tmp_path: Path, tiny_checkpoint: Path
 def test_export_force_replaces_directory(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "manifest.json").write_text('{"format_version": 1}')  # an older export: --force replaces only exports
     (out / "stale.txt").write_text("from an older export")
 
     run = cli("export", "llava15", "--keep", "8", "--model", "tiny", "--out", out, "--force", "--no-validate",

@@ -1,5 +1,6 @@
-"""ONNX Runtime backend: one runner per graph, with a small lifecycle (activate / infer / deactivate,
-also as a context manager) and feed checks against the graph's spec before anything runs."""
+"""ONNX Runtime backend: one runner per graph implementing runtime.backends.base.Runner (activate / infer /
+infer_bound / deactivate, also a context manager; feeds checked against the graph's spec before anything
+runs), and `load`, which gives the pipeline its runners and the host splice step."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from contract.errors import InputError, ManifestError
-from contract.manifest import NUMPY_DTYPES, GraphSpec, check_files
+from contract.errors import ManifestError
+from contract.manifest import GraphSpec, Manifest, check_files
+from contract.names import LLM
+from runtime.backends.base import HostSplicer, activate_all, check_feeds, describe_array
+from runtime.files import external_data
 
 
 def default_providers() -> list[str]:
@@ -19,7 +23,7 @@ def default_providers() -> list[str]:
 
 
 class OrtRunner:
-    """Runs one graph of an export directory."""
+    """Runs one graph of an export directory (a runtime.backends.base.Runner)."""
 
     def __init__(self, directory: str | Path, spec: GraphSpec, providers: list[str] | None = None,
                  threads: int = 0, spin: bool = True):
@@ -43,15 +47,22 @@ class OrtRunner:
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        # External data from memory, not from ORT's own map of the file: see runtime/files.py (SIGBUS when a
+        # mapped .data file is replaced in place). ORT keeps raw pointers until the session is created, then
+        # has its own copy: `in_memory` must live until then, and goes when this method returns.
+        in_memory = external_data(self.directory, self.spec.file, self.spec.sizes)
+        options.add_external_initializers_from_files_in_memory(*in_memory)
         try:
             self.session = ort.InferenceSession(os.fspath(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ManifestError(f"cannot load {path}: {first[:300]}") from None
-        names = {i.name for i in self.session.get_inputs()}
-        expected = {t.name for t in self.spec.inputs}
-        if names != expected:
-            raise ManifestError(f"{path} has inputs {sorted(names)}, the manifest says {sorted(expected)}")
+        for role, actual, declared in (("inputs", self.session.get_inputs(), self.spec.inputs),
+                                       ("outputs", self.session.get_outputs(), self.spec.outputs)):
+            names, expected = {i.name for i in actual}, {t.name for t in declared}
+            if names != expected:
+                raise ManifestError(f"{path} has {role} {sorted(names)[:6]}, the manifest says {sorted(expected)[:6]}: "
+                                    "re-export")
         return self
 
     def deactivate(self) -> None:
@@ -64,33 +75,10 @@ class OrtRunner:
         self.deactivate()
 
     # running ----------------------------------------------------------------------------------------
-    def check_feeds(self, feeds: dict) -> None:
-        """Names, dtypes and shapes of `feeds` against the spec; named axes must agree across inputs."""
-        expected = {t.name for t in self.spec.inputs}
-        if set(feeds) != expected:
-            missing, extra = sorted(expected - set(feeds)), sorted(set(feeds) - expected)
-            raise InputError(f"{self.spec.file}: missing inputs {missing}, unexpected inputs {extra}")
-        axes: dict[str, int] = {}
-        for t in self.spec.inputs:
-            value = feeds[t.name]
-            shape = tuple(value.shape()) if isinstance(value, ort.OrtValue) else value.shape
-            dtype = _dtype_name(value)
-            if dtype != NUMPY_DTYPES[t.dtype]:
-                raise InputError(f"{self.spec.file}: input {t.name!r} has dtype {dtype}, expected {t.dtype}")
-            if len(shape) != len(t.shape):
-                raise InputError(f"{self.spec.file}: input {t.name!r} has shape {shape}, expected {t.shape}")
-            for size, dim in zip(shape, t.shape):
-                if isinstance(dim, int) and size != dim:
-                    raise InputError(f"{self.spec.file}: input {t.name!r} has shape {shape}, expected {t.shape}")
-                if isinstance(dim, str) and axes.setdefault(dim, size) != size:
-                    raise InputError(
-                        f"{self.spec.file}: input {t.name!r} has {dim}={size}, other inputs have {axes[dim]}"
-                    )
-
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on numpy feeds; returns numpy outputs by name."""
         self._require_active()
-        self.check_feeds(feeds)
+        check_feeds(self.spec, feeds, _describe)
         names = [t.name for t in self.spec.outputs]
         return dict(zip(names, self.session.run(names, feeds)))
 
@@ -98,7 +86,7 @@ class OrtRunner:
         """Run with I/O binding: feeds may be OrtValues produced by an earlier call (a KV cache), outputs
         stay OrtValues on `device`, so nothing is converted to numpy or copied between calls."""
         self._require_active()
-        self.check_feeds(feeds)
+        check_feeds(self.spec, feeds, _describe)
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -116,8 +104,19 @@ class OrtRunner:
             raise RuntimeError(f"runner for {self.spec.file} is not active: call activate() or use `with`")
 
 
-def _dtype_name(value) -> str:
+def _describe(value) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a numpy feed or of an OrtValue (a bound output fed back)."""
     if isinstance(value, ort.OrtValue):
-        return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                "tensor(int32)": "int32"}.get(value.data_type(), value.data_type())
-    return str(value.dtype)
+        dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                 "tensor(int32)": "int32"}.get(value.data_type(), value.data_type())
+        return tuple(value.shape()), dtype
+    return describe_array(value)
+
+
+def load(directory: Path, manifest: Manifest, providers: list[str] | None = None, threads: int = 0
+         ) -> tuple[dict[str, OrtRunner], HostSplicer]:
+    """Active runners for every graph of the manifest, and the host splice step."""
+    # Only the LLM graph runs back to back (decode steps); the others run once per query.
+    runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name == LLM))
+               for name, spec in manifest.graphs.items()}
+    return activate_all(runners), HostSplicer()
