@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from contract.compare import format_table
 from contract.errors import ManifestError
 from contract.manifest import Manifest
 from engines.trt_onnx_ops import DATA_DEPENDENT_SHAPE_OPS, ONNX_TO_TRT, TARGET_NAMES, TARGETS, Target
@@ -389,8 +390,6 @@ def format_findings(findings: Sequence[Finding], targets: Sequence[str]) -> str:
         return f"lint: no findings against {names}"
     header = ("graph", "trt", "severity", "op", "node", "message")
     rows = [header] + [(f.graph, f.target, f.severity, f.op_type or "-", f.node or "-", f.message) for f in findings]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     verdict = f"lint: {errors} error(s), {len(findings) - errors} warning(s) against {names}"
-    return "\n".join(lines + [verdict])
+    return format_table(rows, indent="") + "\n" + verdict
 

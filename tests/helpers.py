@@ -52,3 +52,30 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def leftovers(parent: Path) -> list[str]:
     """Temporary directories the exporter builds in (`.NAME.partial-*`) or moves an old export to (`.NAME.old-*`)."""
     return sorted(p.name for p in parent.glob(".*") if ".partial-" in p.name or ".old-" in p.name)
+
+
+def run_main(module: str, *args: object, cwd: Path | None = None, env: dict[str, str] | None = None,
+             monkeypatch: pytest.MonkeyPatch | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args...` run in this process (the module's own `main(argv)`: argparse, the one-line
+    error handling and the exit code), for the many refusal cases where starting a new interpreter and
+    importing torch again would cost seconds each. `cli` stays for what needs a real process."""
+    import contextlib
+    import importlib
+    import io
+
+    main = importlib.import_module(f"{module}.__main__").main
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch = monkeypatch or patch
+        if cwd is not None:
+            patch.chdir(cwd)
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's own exits (--help, a bad flag)
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+                if isinstance(exc.code, str):
+                    err.write(exc.code)
+    return subprocess.CompletedProcess([module, *map(str, args)], code, out.getvalue(), err.getvalue())

@@ -21,7 +21,7 @@ from skimage import data
 
 from contract.errors import InputError, ManifestError
 from runtime.pipeline import Pipeline
-from tests.helpers import assert_one_line, assert_refused, cli, leftovers, snapshot
+from tests.helpers import assert_one_line, assert_refused, cli, leftovers, run_main, snapshot
 
 KEEP = 32  # the export the parity tests also use, so a whole-suite run exports it once
 PROMPT = "What is in the picture?"
@@ -32,7 +32,12 @@ PROMPT = "What is in the picture?"
 
 @pytest.fixture
 def checkpoints(tmp_path: Path) -> Path:
-    """Directories that look like checkpoints but are not LLaVA ones."""
+    """Directories that look like checkpoints but are not LLaVA ones. The built-in tiny LLaVA-NeXT is built
+    first (its build prints progress lines, which are not what the refusal cases check)."""
+    from export import checkpoints as builtin
+    from export.families import llava_next
+
+    builtin.for_family(llava_next, "tiny")
     (tmp_path / "no-config").mkdir()
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "config.json").write_text('{"model_type": "llava", "vision_config": {')
@@ -72,7 +77,7 @@ def test_export_refuses(case: str, checkpoints: Path, tiny_checkpoint: Path) -> 
     tmp = checkpoints
     out = tmp / "out"
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")}  # an empty cache: nothing is cached
-    run = cli("export", *[a.format(tmp=tmp) for a in args], "--out", out, cwd=tmp, env=offline)
+    run = run_main("export", *[a.format(tmp=tmp) for a in args], "--out", out, cwd=tmp, env=offline)
     assert_refused(run, *[n.format(tmp=tmp) for n in named])
     assert not out.exists(), f"{out} was created"
     assert leftovers(tmp) == [], f"left behind: {leftovers(tmp)}"
@@ -85,10 +90,10 @@ def test_export_refuses_existing_directory(tmp_path: Path, tiny_checkpoint: Path
     (out / "notes.txt").write_text("the user's own file")
     before = snapshot(out)
 
-    run = cli("export", "llava15", "--keep", "8", "--model", "tiny", "--out", out, cwd=tmp_path)
+    run = run_main("export", "llava15", "--keep", "8", "--model", "tiny", "--out", out, cwd=tmp_path)
     assert_refused(run, str(out), "--force")
     # With --force, bad input is still refused before the existing directory is touched.
-    run = cli("export", "llava15", "--keep", "577", "--model", "tiny", "--out", out, "--force", cwd=tmp_path)
+    run = run_main("export", "llava15", "--keep", "577", "--model", "tiny", "--out", out, "--force", cwd=tmp_path)
     assert_refused(run, "--keep 577")
 
     assert snapshot(out) == before, "the existing directory changed"
