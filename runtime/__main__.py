@@ -28,7 +28,26 @@ def parser() -> ArgumentParser:
     item.add_argument("--image", help="image file (JPEG, PNG, ...); grayscale/RGBA are converted to RGB")
     item.add_argument("--video", help="video file (MP4, AVI, WebM, ...; decoded with PyAV) for exports that take "
                       "videos (video-llava): the export's frame count is sampled uniformly")
+    item.add_argument("--camera", type=int, metavar="INDEX", help="perception loop on a camera (OpenCV index, "
+                      "pip install 'prunevlm[camera]'): one answer per frame the model has time for, newest frame first")
+    item.add_argument("--video-stream", metavar="URL_OR_FILE", help="perception loop on a stream OpenCV opens (RTSP, "
+                      "HTTP, GStreamer pipeline) or a video file (PyAV; every frame, or its own rate with --realtime)")
+    item.add_argument("--frames", type=Path, metavar="DIR", help="perception loop on the images of a folder, in name order")
     p.add_argument("--prompt", help="question or instruction about the image (required with --image/--video)")
+    loop = p.add_argument_group("perception loop (--camera, --video-stream, --frames)")
+    loop.add_argument("--choices", type=_choices, default=None, metavar="A,B,...",
+                      help="answer with one of these (one prefill, no decode), with each one's probability")
+    loop.add_argument("--deadline-ms", type=float, default=None, metavar="N",
+                      help="latency budget per answer from taking the frame: no decode step starts once it is spent")
+    loop.add_argument("--every", type=float, default=0.0, metavar="S", help="at most one query every S seconds")
+    loop.add_argument("--realtime", action="store_true", help="play a --video-stream file at its own frame rate "
+                      "(frames the model has no time for are dropped, as with a camera)")
+    loop.add_argument("--overlap", action="store_true",
+                      help="encode the next frame while the current one decodes (see README: slower on 2 cores)")
+    loop.add_argument("--reconnects", type=int, default=3, metavar="N",
+                      help="camera/stream reopen attempts after a failed read before giving up (default 3)")
+    loop.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
+                      help="write one JSON object per answer to FILE instead of one line per answer to stdout")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
@@ -45,6 +64,10 @@ def parser() -> ArgumentParser:
                    "the manifest records (reads the whole export); alone, without --image/--video: only check")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _choices(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",")]
 
 
 def _threads(text: str) -> int:
@@ -78,9 +101,15 @@ def _write(text: str, end: str = "\n") -> None:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    alone = args.verify and args.image is None and args.video is None and args.prompt is None
-    if not alone and (args.image is None and args.video is None or args.prompt is None):
-        p.error("the following arguments are required: --image or --video, and --prompt (or --verify alone)")
+    loop = args.camera is not None or args.video_stream is not None or args.frames is not None
+    alone = args.verify and args.image is None and args.video is None and not loop and args.prompt is None
+    if not alone and (args.image is None and args.video is None and not loop or args.prompt is None):
+        p.error("the following arguments are required: --image, --video, --camera, --video-stream or --frames, "
+                "and --prompt (or --verify alone)")
+    if loop:
+        from runtime.watch_cli import watch
+
+        return run(lambda: watch(args, _write), args.debug)
     return run(lambda: _run(args), args.debug)
 
 

@@ -105,6 +105,8 @@ class EmbeddingTable:
         if self._status() != self._stamp:
             raise ManifestError(f"{self.path} was changed while this pipeline used it (overwritten in place?): load "
                                 "the export again; deploy new exports beside the old one and rename, never copy over it")
+        if rows.size == 0:  # an empty slice (no text before the image): memoryview cannot cast an empty array
+            return np.empty(np.shape(ids) + (self.shape[1],), np.float32)
         if rows.size > 16:  # a prompt repeats tokens: read each once
             unique, inverse = np.unique(rows, return_inverse=True)
         else:  # a decode step (one token per row): np.unique would cost more than it saves

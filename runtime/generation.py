@@ -19,7 +19,7 @@ from contract import names
 from contract.errors import InputError
 from contract.manifest import LLMSpec
 from contract.positions import prefill_position_ids
-from runtime.backends.base import Runner
+from runtime.backends.base import Runner, to_numpy
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,14 @@ class KVCache:
         self.length += new_tokens
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """KV cache of the tokens before the first varying one (text before the image), [1, Hkv, P, Dh] each."""
+
+    values: dict[str, np.ndarray]
+    length: int  # P
+
+
 @dataclass
 class DecodeState:
     """Everything the loop carries from one step to the next."""
@@ -104,17 +112,32 @@ class Generator:
         state.cache.update(outputs, inputs_embeds.shape[1])
         return outputs[names.LOGITS].numpy()  # [B, V]
 
-    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> tuple[DecodeState, np.ndarray]:
-        """inputs_embeds [B, S, D] (left-padded), attention_mask [B, S] -> state, next-token logits [B, V]."""
+    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+                prefix: Prefix | None = None) -> tuple[DecodeState, np.ndarray]:
+        """inputs_embeds [B, S, D] (left-padded), attention_mask [B, S] -> state, next-token logits [B, V].
+
+        prefix: the KV cache of tokens that come before every row (`compute_prefix`), fed as the past; the
+        rows are then the rest of the sequence, at positions P.. (padding sits between prefix and row)."""
         batch = inputs_embeds.shape[0]
-        position_ids = prefill_position_ids(attention_mask)
+        cache = KVCache(self.llm, batch, inputs_embeds.dtype)
+        if prefix is not None:
+            attention_mask = np.concatenate([np.ones((batch, prefix.length), np.int64), attention_mask], axis=1)
+            cache.values = {name: np.repeat(value, batch, axis=0) for name, value in prefix.values.items()}
+            cache.length = prefix.length
+        position_ids = prefill_position_ids(attention_mask)[:, attention_mask.shape[1] - inputs_embeds.shape[1]:]
         state = DecodeState(
-            cache=KVCache(self.llm, batch, inputs_embeds.dtype),
+            cache=cache,
             attention_mask=attention_mask.astype(np.int64),
             next_position=position_ids[:, -1] + 1,
             finished=np.zeros(batch, dtype=bool),
         )
         return state, self._forward(state, inputs_embeds, position_ids)
+
+    def compute_prefix(self, inputs_embeds: np.ndarray) -> Prefix:
+        """The KV cache of a fixed leading text, inputs_embeds [1, P, D], read back to host arrays once: every
+        later prefill feeds the same arrays (a backend may reuse its output buffers between calls)."""
+        state, _ = self.prefill(inputs_embeds, np.ones(inputs_embeds.shape[:2], np.int64))
+        return Prefix({name: to_numpy(value) for name, value in state.cache.values.items()}, inputs_embeds.shape[1])
 
     def decode_one_token(self, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
         """tokens [B] -> next-token logits [B, V]."""

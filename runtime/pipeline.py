@@ -78,7 +78,7 @@ class Result:
     token_ids: list[int]  # generated tokens, EOS included when it was generated
     kept_indices: np.ndarray  # kept patch indices per sub-image, raster order: [K], or [S, K] for tiles/frames
     prompt_tokens: int  # LLM input length, image tokens included
-    finish_reason: str  # "eos", "length" (max_new_tokens) or "max_seq_len"
+    finish_reason: str  # "eos", "length" (max_new_tokens), "max_seq_len", "deadline" or "stopped"
     timings: Timings  # shared by every result of one batch
     logits: list[np.ndarray] | None = None  # per generated token [V], when asked for
 
@@ -228,12 +228,16 @@ class Pipeline:
     def generate(self, image, prompt, max_new_tokens: int = 64, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  on_text: Callable[[int, str], None] | None = None, return_logits: bool = False,
-                 modality: str = "image"):
+                 modality: str = "image", deadline_ms: float | None = None,
+                 should_stop: Callable[[int], bool] | None = None):
         """Answer `prompt` about `image`. One image and prompt -> Result; lists of equal length -> list[Result].
 
         image: a path, a PIL image or an HxWx3 uint8 array (or a video, with modality="video" on a video
         export). Greedy unless do_sample. Stops at EOS, after max_new_tokens, or at the export's max sequence
-        length. on_text(row, piece) receives the text as it is generated.
+        length (finish_reason "eos", "length", "max_seq_len"). on_text(row, piece) receives the text as it is
+        generated. deadline_ms: a latency budget from the call's start; once spent, no further decode step
+        starts (finish_reason "deadline"; the answer has at least its first token, whole tokens only).
+        should_stop(row) is asked after each token of a live row; True ends that row ("stopped").
         """
         single = isinstance(prompt, str)
         if single:
@@ -248,8 +252,18 @@ class Pipeline:
         if len(images) != len(prompts) or not prompts:
             raise InputError(f"got {len(images)} images and {len(prompts)} prompts; give one image per prompt")
         sampling = SamplingOptions(do_sample, temperature, top_k, top_p, seed)
-        results = list(self._run(images, prompts, max_new_tokens, sampling, on_text, return_logits, modality))
+        results = list(self._run(images, prompts, max_new_tokens, sampling, on_text, return_logits, modality,
+                                 deadline_ms=deadline_ms, should_stop=should_stop))
         return results[0] if single else results
+
+    def watch(self, source, prompt: str, *, choices: Sequence[str] | None = None, max_new_tokens: int = 64,
+              deadline_ms: float | None = None, every: float = 0.0, **options):
+        """Answer `prompt` about the frames of `source` (camera index, URL, video file, folder, iterable of
+        frames), newest frame first: iterate the returned runtime.watch.Watch for Answers. See runtime/watch.py."""
+        from runtime.watch import Watch
+
+        return Watch(self, source, prompt, choices=choices, max_new_tokens=max_new_tokens, deadline_ms=deadline_ms,
+                     every=every, **options)
 
     def stream(self, image, prompt: str, max_new_tokens: int = 64, modality: str = "image",
                **sampling) -> Iterator[str]:
@@ -263,13 +277,17 @@ class Pipeline:
         yield from pieces
 
     def _run(self, images, prompts, max_new_tokens, sampling, on_text, return_logits, modality: str,
-             lazy: bool = False):
+             lazy: bool = False, deadline_ms: float | None = None, should_stop: Callable[[int], bool] | None = None):
         """Generator behind generate() and stream(): with lazy=True it yields after every token (None),
         then the results; otherwise it yields only the results."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         max_new_tokens = int(max_new_tokens)  # numpy integers accepted, plain int from here on
+        if deadline_ms is not None and (isinstance(deadline_ms, bool) or not isinstance(deadline_ms, numbers.Real)
+                                        or not deadline_ms > 0):
+            raise InputError(f"deadline_ms={deadline_ms!r} must be a number of milliseconds > 0, or None")
         began = time.perf_counter()
+        deadline = None if deadline_ms is None else began + float(deadline_ms) / 1000
         timings = Timings()
         start = time.perf_counter()
         ids = [self.prompt_ids(p, modality) for p in prompts]
@@ -286,6 +304,7 @@ class Pipeline:
         kept_logits: list[list[np.ndarray]] = [[] for _ in range(batch)]
         texts = [""] * batch
         done = np.zeros(batch, bool)
+        reasons: list[str | None] = [None] * batch  # set when a row ends before the generator's own limits
         eos = set(self.manifest.llm.eos_token_ids)
         for step_tokens, step_logits in self.generator.decode_n_tokens(state, logits, budget, sampling):
             for row in np.flatnonzero(~done):
@@ -299,8 +318,15 @@ class Pipeline:
                     if not text.endswith("\ufffd") and len(text) > len(texts[row]):
                         on_text(int(row), text[len(texts[row]):])
                         texts[row] = text
+                if not done[row] and should_stop is not None and should_stop(int(row)):
+                    done[row], reasons[row] = True, "stopped"
+                    state.finished[row] = True  # the generator feeds it padding and stops when all rows are done
             if lazy:
                 yield None
+            if deadline is not None and not done.all() and time.perf_counter() >= deadline:
+                for row in np.flatnonzero(~done):
+                    reasons[row] = "deadline"
+                break
         timings.decode_steps = state.step_times
         timings.decode_graph = state.graph_times[1:]  # [0] is the prefill call
         timings.total = time.perf_counter() - began
@@ -308,7 +334,9 @@ class Pipeline:
             text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
             if on_text is not None and len(text) > len(texts[row]):
                 on_text(row, text[len(texts[row]):])
-            if tokens[row] and tokens[row][-1] in eos:
+            if reasons[row] is not None:
+                reason = reasons[row]
+            elif tokens[row] and tokens[row][-1] in eos:
                 reason = "eos"
             elif len(tokens[row]) < max_new_tokens:
                 reason = "max_seq_len"
