@@ -7,9 +7,10 @@ manifest, so the runtime feeds the vision graph exactly what the exported model 
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -128,31 +129,47 @@ def rescale_and_normalize(pixels: np.ndarray, spec: dict[str, Any]) -> np.ndarra
     return table[np.arange(3)[:, None, None], pixels.transpose(0, 3, 1, 2)]
 
 
-def _open_file(path: Path) -> Image.Image:
-    """Open and fully decode an image file; `.load()` inside the try is what catches truncated files.
+def load_image_bytes(data: bytes, what: str = "image data") -> Image.Image:
+    """Decode an encoded image held in memory (an HTTP upload, a data URL) exactly as `load_image` decodes a
+    file: the ALLOWED_FORMATS decoders only, the same size bounds, EXIF orientation, conversion to RGB.
+    `what` names the image in error messages (one line)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InputError(f"{what} must be bytes, got {type(data).__name__}")
+    if not len(data):
+        raise InputError(f"{what} is empty (0 bytes)")
+    return _named(_to_rgb(_decode(io.BytesIO(data), what), what), what)
 
-    PIL's decompression-bomb warning is turned into an error here, so it can never pass silently. Only the
-    decoders in ALLOWED_FORMATS are tried (PIL's `formats=`), so no other plugin ever sees the bytes.
-    """
+
+def _open_file(path: Path) -> Image.Image:
+    """Open and fully decode an image file (see `_decode`)."""
     name = describe_path(path)
     if not path.exists():
         raise InputError(f"image file not found: {name}")
     if not path.is_file():
         raise InputError(f"image path is not a file: {name}")
+    return _decode(path, f"image file {name}")
+
+
+def _decode(source: Path | BinaryIO, what: str) -> Image.Image:
+    """Open and fully decode a file or file object; `.load()` inside the try is what catches truncated files.
+
+    PIL's decompression-bomb warning is turned into an error here, so it can never pass silently. Only the
+    decoders in ALLOWED_FORMATS are tried (PIL's `formats=`), so no other plugin ever sees the bytes.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path, formats=ALLOWED_FORMATS) as opened:
-                _check_size(opened.width, opened.height, f"image file {name}")
+            with Image.open(source, formats=ALLOWED_FORMATS) as opened:
+                _check_size(opened.width, opened.height, what)
                 opened.load()
                 return ImageOps.exif_transpose(opened)
         except UnidentifiedImageError:
-            raise InputError(f"cannot read image file {name}: not an image in one of the formats this runtime "
+            raise InputError(f"cannot read {what}: not an image in one of the formats this runtime "
                              f"opens ({', '.join(ALLOWED_FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InputError(f"image file {name} is too large to open safely (limit {MAX_PIXELS} pixels)") from exc
+            raise InputError(f"{what} is too large to open safely (limit {MAX_PIXELS} pixels)") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise InputError(f"cannot read image file {name}: not an image, or corrupt or truncated "
+            raise InputError(f"cannot read {what}: not an image, or corrupt or truncated "
                              f"({' '.join(str(exc).split())})") from exc
 
 
