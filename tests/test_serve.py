@@ -168,10 +168,13 @@ def test_stop_string_and_per_request_max_tokens(client, images, reference):
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
 
 
+LOAD_REQUESTS = 200  # the issue's bounded load test: 200 requests from 8 concurrent clients
+
+
 def test_bounded_load_engages_batching(client, images, reference, served):
-    """64 requests from 8 concurrent clients, mixed images, prompts and lengths: all correct, and the metrics
+    """200 requests from 8 concurrent clients, mixed images, prompts and lengths: all correct, and the metrics
     show batches of more than one request."""
-    jobs = [(("chelsea", "coffee")[i % 2], PROMPTS[i % 3], 4 + i % 5) for i in range(64)]
+    jobs = [(("chelsea", "coffee")[i % 2], PROMPTS[i % 3], 4 + i % 5) for i in range(LOAD_REQUESTS)]
     for job in set(jobs):
         reference(*job)
     started = time.perf_counter()
@@ -186,7 +189,7 @@ def test_bounded_load_engages_batching(client, images, reference, served):
     sizes = {s.labels["le"]: s.value for s in families["prunevlm_batch_size"].samples if s.name.endswith("_bucket")}
     batches = families["prunevlm_batch_size"].samples
     count = next(s.value for s in batches if s.name.endswith("_count"))
-    print(f"64 requests in {took:.1f} s, {count:.0f} batches, {count - sizes['1.0']:.0f} of more than one request")
+    print(f"{LOAD_REQUESTS} requests in {took:.1f} s, {count:.0f} batches, {count - sizes['1.0']:.0f} of more than one request")
     assert sizes["1.0"] < count, f"every batch had one request: {sizes}"
     assert max(s.value for s in families["prunevlm_queue_length"].samples) == 0
 
