@@ -153,8 +153,9 @@ def _writing(out: Path) -> Iterator[Path]:
                 partial_dir(out, "calibration", label, CalibrationError) as tmp:
             yield tmp
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if created:  # only if still empty: another run may have taken the lock and be writing into it
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
 
 

@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from contract.errors import UserError
-from contract.manifest import MANIFEST_FILE
+from contract.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
 
-MAX_MANIFEST_BYTES = 64 << 20  # a larger manifest.json is not one prunevlm wrote
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 

@@ -75,7 +75,7 @@ def _unreadable_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, StrictDataclassError)
+    return (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError)
 
 
 @contextlib.contextmanager

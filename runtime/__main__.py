@@ -13,8 +13,6 @@ from contract.cli import ArgumentParser, run
 from contract.errors import InputError, UserError
 from runtime.pipeline import MAX_THREADS
 
-"""Largest --threads: far above any CPU's cores, far below what ONNX Runtime or the OS would choke on."""
-
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(
@@ -47,7 +45,7 @@ def parser() -> ArgumentParser:
     loop.add_argument("--reconnects", type=int, default=3, metavar="N",
                       help="camera/stream reopen attempts after a failed read before giving up (default 3)")
     loop.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
-                      help="write one JSON object per answer to FILE instead of one line per answer to stdout")
+                      help="append one JSON object per answer to FILE instead of printing one line per answer")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")

@@ -132,16 +132,27 @@ class EmbeddingTable:
             self.close()
 
 
+# Larger weight files are left to ONNX Runtime, which maps them: copying them first would need their size
+# twice in host memory while the session loads (a 7B fp16 LLM: 13 GB more on a Jetson that shares it).
+MAX_COPIED_DATA_BYTES = 2 << 30
+
+
 def external_data(directory: Path, graph_file: str, names) -> tuple[list[str], list[np.ndarray], list[int]]:
     """(names, buffers, lengths) for `SessionOptions.add_external_initializers_from_files_in_memory`: every
-    file in `names` but the graph itself, read whole. ORT copies initializers out of these buffers, so they
-    may be dropped once the session exists; measured with ORT 1.31: no map of the `.data` file stays, and a
-    truncated or overwritten `.data` no longer changes or kills the running session."""
+    file in `names` but the graph itself, up to MAX_COPIED_DATA_BYTES each, read whole. ORT copies
+    initializers out of these buffers, so they may be dropped once the session exists; measured with ORT
+    1.31: no map of the `.data` file stays, and a truncated or overwritten `.data` no longer changes or kills
+    the running session. Larger files stay mapped by ORT: replace them only by renaming a new export in."""
     files, buffers = [], []
     for name in names:
         if name == graph_file:
             continue
         path = Path(directory) / name
+        try:
+            if path.stat().st_size > MAX_COPIED_DATA_BYTES:
+                continue
+        except OSError as exc:
+            raise ManifestError(f"{path} cannot be read ({exc.strerror or exc}): re-export") from None
         try:
             with open(path, "rb") as file:
                 buffer = np.empty(os.fstat(file.fileno()).st_size, np.uint8)

@@ -91,11 +91,12 @@ class Pipeline:
     """
 
     def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, Runner],
-                 splicer: Splicer = HostSplicer()):
+                 splicer: Splicer = HostSplicer(), backend: str = "onnxruntime"):
         self.directory = directory
         self.manifest = manifest
         self.runners = runners
         self.splicer = splicer
+        self.backend = backend  # "onnxruntime" or "tensorrt" (what the runners are)
         self.tokenizer = read_tokenizer(directory / manifest.prompt.tokenizer)
         # Read row by row with pread, not memory-mapped: survives the file being replaced (runtime/files.py).
         embeddings = EmbeddingTable(directory / manifest.llm.embeddings, manifest.llm.vocab_size,
@@ -140,11 +141,26 @@ class Pipeline:
 
             runners, splicer = onnxruntime.load(directory, manifest, providers, threads)
         try:
-            return cls(directory, manifest, runners, splicer)
+            return cls(directory, manifest, runners, splicer, BACKENDS[backend])
         except BaseException:  # device buffers and sessions are released, not left to the garbage collector
             for runner in runners.values():
                 runner.deactivate()
             raise
+
+    def close(self) -> None:
+        """Release the sessions or engines (device buffers, CUDA graphs) and the embedding table's file now,
+        rather than when the garbage collector gets to them. The pipeline cannot be used afterwards."""
+        for runner in self.runners.values():
+            runner.deactivate()
+        close = getattr(self.generator.embeddings, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- pieces ------------------------------------------------------------------------------------
     def modality(self, name: str):
@@ -306,7 +322,7 @@ class Pipeline:
         done = np.zeros(batch, bool)
         reasons: list[str | None] = [None] * batch  # set when a row ends before the generator's own limits
         eos = set(self.manifest.llm.eos_token_ids)
-        for step_tokens, step_logits in self.generator.decode_n_tokens(state, logits, budget, sampling):
+        for step, (step_tokens, step_logits) in enumerate(self.generator.decode_n_tokens(state, logits, budget, sampling)):
             for row in np.flatnonzero(~done):
                 token = int(step_tokens[row])
                 tokens[row].append(token)
@@ -323,7 +339,8 @@ class Pipeline:
                     state.finished[row] = True  # the generator feeds it padding and stops when all rows are done
             if lazy:
                 yield None
-            if deadline is not None and not done.all() and time.perf_counter() >= deadline:
+            another_step = step + 1 < budget and not done.all()  # else the answer ends here for its own reason
+            if deadline is not None and another_step and time.perf_counter() >= deadline:
                 for row in np.flatnonzero(~done):
                     reasons[row] = "deadline"
                 break

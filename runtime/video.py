@@ -120,8 +120,11 @@ def _open(av, path: Path):
 
 def _refuse_playlist(path: Path, name: str) -> None:
     """A playlist names other files (or URLs) for FFmpeg to read: refused by its name or its first bytes."""
-    with open(path, "rb") as handle:
-        start = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except OSError as exc:
+        raise InputError(f"video file {name} cannot be read ({exc.strerror or exc})") from None
     kind = next((kind for magic, kind in _PLAYLIST_STARTS.items() if start.startswith(magic)), None)
     if kind is None and path.suffix.lower() in _PLAYLIST_EXTENSIONS:
         kind = path.suffix.lower()

@@ -110,6 +110,11 @@ class _Slot:
             self.closed = True
             self.cond.notify_all()
 
+    def sleep(self, seconds: float) -> bool:
+        """Wait `seconds` unless the slot is closed first; True when it was closed."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.closed, timeout=seconds)
+
 
 class Watch:
     """Iterate for Answers; `stats` counts frames; `close()` (or `with`) stops the capture and the source."""
@@ -124,6 +129,9 @@ class Watch:
             raise InputError(f"deadline_ms={deadline_ms!r} must be a number of milliseconds > 0, or None")
         if not _is_number(every) or not 0 <= every < 86400:
             raise InputError(f"every={every!r} must be a number of seconds in 0..86400 (0: as often as possible)")
+        if overlap and pipe.backend == "tensorrt":  # the next projector run would overwrite this frame's tokens
+            raise InputError("overlap=True needs the ONNX Runtime backend: TensorRT keeps a frame's visual tokens "
+                             "in the projector's output buffer until the LLM reads them")
         self.pipe, self.max_new_tokens, self.every, self.overlap = pipe, int(max_new_tokens), float(every), overlap
         self.deadline_s = None if deadline_ms is None else float(deadline_ms) / 1000
         self.ids = pipe.prompt_ids(prompt)  # built once for every frame
@@ -131,7 +139,9 @@ class Watch:
         self.choice_ids = None if choices is None else choice_token_ids(pipe, self.ids, self.choices)
         at = self.ids.index(pipe.modality("image").placeholder_id)  # text before the image: the same every frame
         self.prefix = None
-        if prefix_cache and at > 0:
+        # The prefix is fed as past with several new tokens: TensorRT's LLM engine has profiles for prefill
+        # (no past) and decode (one token) only, so there the prefix is simply recomputed with every frame.
+        if prefix_cache and at > 0 and pipe.backend != "tensorrt":
             self.prefix = pipe.generator.compute_prefix(pipe.generator.embeddings[self.ids[:at]][None])  # [1, P, D]
         self._seen = self._answered = self._unreadable = 0
         self.source: Source = open_source(source, realtime, reconnects)
@@ -149,7 +159,7 @@ class Watch:
                 self._seen = index + 1
                 if not self.slot.put(_Frame(index, image, time.time(), time.perf_counter())):
                     break
-        except BaseException as exc:  # raised again in the loop's thread (take)
+        except BaseException as exc:  # raised again in the loop's thread (take), as it is
             error = exc
         finally:
             self.source.close()
@@ -184,8 +194,8 @@ class Watch:
     def _take_and_encode(self):
         """(frame, visual tokens, timings); False for a frame that did not load; None at the end."""
         wait = self._last_take + self.every - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
+        if wait > 0 and self.slot.sleep(wait):  # closed while waiting
+            return None
         frame = self.slot.take()
         if frame is None:
             return None

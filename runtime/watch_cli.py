@@ -58,6 +58,12 @@ def summary(seconds: dict[str, deque], stats) -> list[str]:
     return lines
 
 
+def _source_errors() -> tuple[type[BaseException], ...]:
+    """What the capture libraries raise for a broken stream, of those the loop imported."""
+    found = [getattr(sys.modules.get("av.error"), "FFmpegError", None), getattr(sys.modules.get("cv2"), "error", None)]
+    return (OSError, RuntimeError, ValueError, *[error for error in found if isinstance(error, type)])
+
+
 def watch(args, write: Callable[[str], None]) -> int:
     from runtime.pipeline import Pipeline
 
@@ -67,7 +73,7 @@ def watch(args, write: Callable[[str], None]) -> int:
     out = None
     if args.jsonl is not None:
         try:
-            out = open(args.jsonl, "w", encoding="utf-8")
+            out = open(args.jsonl, "a", encoding="utf-8")  # appended: a file that exists loses nothing
         except OSError as exc:
             raise InputError(f"--jsonl {describe_path(args.jsonl)} cannot be written: {exc.strerror or exc}") from None
     try:
@@ -88,6 +94,10 @@ def watch(args, write: Callable[[str], None]) -> int:
                     out.flush()
                 else:
                     write(line(answer))
+        except _source_errors() as exc:  # a decoder's or camera library's own error (PyAV, OpenCV) from the
+            # source: the command line still owes the user one line (the API re-raises it as it is)
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise InputError(f"the source failed after {loop.stats.seen} frames: {type(exc).__name__}: {reason}") from None
         finally:
             loop.close()
             print("\n".join(summary(seconds, loop.stats)), file=sys.stderr)

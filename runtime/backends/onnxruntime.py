@@ -51,7 +51,8 @@ class OrtRunner:
         # mapped .data file is replaced in place). ORT keeps raw pointers until the session is created, then
         # has its own copy: `in_memory` must live until then, and goes when this method returns.
         in_memory = external_data(self.directory, self.spec.file, self.spec.sizes)
-        options.add_external_initializers_from_files_in_memory(*in_memory)
+        if in_memory[0]:
+            options.add_external_initializers_from_files_in_memory(*in_memory)
         try:
             self.session = ort.InferenceSession(os.fspath(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)

@@ -35,11 +35,12 @@ def build_app(options: ServeOptions) -> Starlette:
     """Load the export named by options and return its app (what each Ray Serve replica calls)."""
     from runtime.pipeline import Pipeline
 
-    return create_app(options, Pipeline.load(options.export_dir, threads=options.threads))
+    return create_app(options, Pipeline.load(options.export_dir, threads=options.threads), owns_pipeline=True)
 
 
-def create_app(options: ServeOptions, pipeline) -> Starlette:
-    """The app around an already loaded Pipeline; its batcher thread starts here and stops with the app."""
+def create_app(options: ServeOptions, pipeline, owns_pipeline: bool = False) -> Starlette:
+    """The app around an already loaded Pipeline; its batcher thread starts here and stops with the app (which
+    then also closes the pipeline when it loaded it: owns_pipeline)."""
     metrics = Metrics()
     batcher = Batcher(pipeline, options.max_batch, options.max_wait_ms, options.max_queue, metrics)
     server = _Server(options, pipeline, metrics, batcher)
@@ -48,6 +49,8 @@ def create_app(options: ServeOptions, pipeline) -> Starlette:
     async def lifespan(app):
         yield
         await run_in_threadpool(batcher.close)
+        if owns_pipeline and not batcher.worker.is_alive():  # a batch still running keeps it
+            pipeline.close()
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -150,6 +150,11 @@ class Batcher:
                 batch[0].post("error", from_user_error(exc))
                 self.metrics.errors.labels(code="400", type="invalid_request_error").inc()
                 return
+            if any(job.matcher.text for job in batch):  # text already went out: a rerun would send it twice
+                for job in batch:
+                    job.post("error", from_user_error(exc))
+                    self.metrics.errors.labels(code="400", type="invalid_request_error").inc()
+                return
             for job in batch:  # one row's input failed the whole call (say, too long with its image): alone now
                 self._run([job])
             return

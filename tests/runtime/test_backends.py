@@ -79,3 +79,23 @@ def test_encode_and_splice_on_the_host(pipeline, photos):
         np.testing.assert_array_equal(embeds[row, pad:], want)
         np.testing.assert_array_equal(embeds[row, :pad], np.broadcast_to(table[pipe.manifest.llm.pad_token_id], (pad, table.shape[1])))
         assert mask[row].tolist() == [0] * pad + [1] * len(want)
+
+
+def test_close_releases_the_runners_and_the_embedding_table(tiny_export, photos):
+    from runtime import Pipeline
+
+    with Pipeline.load(tiny_export(32)) as pipe:
+        assert pipe.generate(photos["chelsea"], "What is this?", max_new_tokens=2).token_ids
+        embeddings = pipe.generator.embeddings
+    assert all(runner.session is None for runner in pipe.runners.values())
+    assert embeddings._fd == -1
+    with pytest.raises(RuntimeError, match="not active"):
+        pipe.generate(photos["chelsea"], "What is this?", max_new_tokens=2)
+
+
+def test_deadline_never_relabels_an_answer_that_ended_for_its_own_reason(pipeline, photos):
+    """A spent budget on the last allowed token is still 'length' (no further step would have started)."""
+    result = pipeline(32).generate(photos["chelsea"], "What is this?", max_new_tokens=1, deadline_ms=1e-6)
+    assert (len(result.token_ids), result.finish_reason) == (1, "length")
+    result = pipeline(32).generate(photos["chelsea"], "What is this?", max_new_tokens=5, deadline_ms=1e-6)
+    assert (len(result.token_ids), result.finish_reason) == (1, "deadline")
