@@ -13,7 +13,7 @@ from pathlib import Path
 
 from contract import checks
 from contract.errors import ManifestError
-from contract.layouts import Layout, layout_from_dict, layout_to_dict
+from contract.layouts import LAYOUTS, Layout, layout_from_dict, layout_to_dict
 from contract.names import (
     ATTENTION_MASK,
     BATCH,
@@ -193,7 +193,7 @@ class ModalitySpec:
         checks.text(self.vision, "modalities[*].vision")
         checks.text(self.projector, "modalities[*].projector")
         _check_preprocess(checks.mapping(self.preprocess, "modalities[*].preprocess", 32))
-        if type(self.layout).__name__ not in _LAYOUT_CLASSES:
+        if not isinstance(self.layout, tuple(LAYOUTS.values())):
             raise ManifestError(f"modality {self.content_type!r} has layout {checks._short(self.layout)}: re-export")
         for side in (*getattr(self.layout, "resolution", ()), *(v for p in getattr(self.layout, "grid_pinpoints", ())
                                                                for v in p)):
@@ -208,7 +208,6 @@ class ModalitySpec:
         return self.vision, self.projector
 
 
-_LAYOUT_CLASSES = ("SingleLayout", "AnyresFasterVLMLayout", "AnyresHFLayout", "FramesLayout")
 
 
 def _check_preprocess(spec: dict) -> None:

@@ -115,14 +115,14 @@ class Pipeline:
         installed) or 'trt' (the TensorRT engines in DIR/engines, see runtime/backends/tensorrt.py;
         cuda_graphs: replay captured CUDA graphs). Every file is checked before any session starts; verify:
         also every file's sha256 against the manifest (catches a same-size corrupt file; reads the whole export)."""
-        directory = Path(directory)
-        manifest = Manifest.read(directory)
-        if verify:  # every file's sha256 against the manifest (reads every byte of the export)
-            verify_files(directory, manifest)
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r} is not available; use 'onnxruntime' or 'trt'")
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 0 <= threads <= MAX_THREADS:
             raise InputError(f"threads={threads!r} must be an integer in 0..{MAX_THREADS} (0: all cores)")
+        directory = Path(directory)
+        manifest = Manifest.read(directory)
+        if verify:  # every file's sha256 against the manifest (reads every byte of the export)
+            verify_files(directory, manifest)
         needed = {names.LLM} | {g for m in manifest.modalities.values() for g in m.graphs}
         for name in sorted(needed):
             if name not in manifest.graphs:

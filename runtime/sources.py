@@ -25,7 +25,7 @@ import numpy as np
 
 from contract.errors import InputError
 from runtime.preprocess import describe_path
-from runtime.video import _import_av, _open, _refuse_playlist, _refuse_still_image
+from runtime.video import import_av, open_container, refuse_playlist, refuse_still_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm",
                               ".pbm"})
@@ -116,11 +116,11 @@ class VideoFile(Source):
     def __init__(self, path: Path, realtime: bool = False):
         self.path, self.live = path, realtime
         self.name = f"video file {describe_path(path)}"
-        _refuse_playlist(path, self.name)
-        _refuse_still_image(path, self.name)
-        self.av = _import_av()
+        refuse_playlist(path, self.name)
+        refuse_still_image(path, self.name)
+        self.av = import_av()
         try:
-            self.container = _open(self.av, path)
+            self.container = open_container(self.av, path)
         except self.av.FFmpegError as exc:
             raise InputError(f"cannot decode {self.name}: {exc.strerror or exc}") from None
         if not self.container.streams.video:

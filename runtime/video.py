@@ -73,7 +73,7 @@ def load_frames(source: VideoSource, num_frames: int) -> list[Image.Image]:
                      f"got {type(source).__name__}")
 
 
-def _import_av():
+def import_av():
     try:
         import av
     except ImportError:
@@ -91,11 +91,11 @@ def _decode_file(path: Path, num_frames: int) -> list[Image.Image]:
         raise InputError(f"video file not found: {name}")
     if not path.is_file():
         raise InputError(f"video path is not a file: {name}")
-    _refuse_playlist(path, name)
-    _refuse_still_image(path, name)
-    av = _import_av()
+    refuse_playlist(path, name)
+    refuse_still_image(path, name)
+    av = import_av()
     try:
-        with _open(av, path) as container:
+        with open_container(av, path) as container:
             if not container.streams.video:
                 raise InputError(f"{name} has no video stream (streams: {[s.type for s in container.streams]})")
             total = container.streams.video[0].frames
@@ -113,12 +113,12 @@ def _decode_file(path: Path, num_frames: int) -> list[Image.Image]:
     return frames
 
 
-def _open(av, path: Path):
+def open_container(av, path: Path):
     """A container restricted to CONTAINERS and to local files (FFmpeg refuses anything else when opening)."""
     return av.open(os.fspath(path), container_options=_AV_OPTIONS)
 
 
-def _refuse_playlist(path: Path, name: str) -> None:
+def refuse_playlist(path: Path, name: str) -> None:
     """A playlist names other files (or URLs) for FFmpeg to read: refused by its name or its first bytes."""
     try:
         with open(path, "rb") as handle:
@@ -137,7 +137,7 @@ def _pick(av, path: Path, indices: np.ndarray, name: str) -> list[Image.Image] |
     """The frames at `indices` (sorted, distinct) in decode order; None when the stream ends first."""
     wanted = {int(i) for i in indices}
     found: dict[int, Image.Image] = {}
-    with _open(av, path) as container:
+    with open_container(av, path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for position, frame in enumerate(container.decode(stream)):
@@ -152,13 +152,13 @@ def _pick(av, path: Path, indices: np.ndarray, name: str) -> list[Image.Image] |
 
 
 def _count(av, path: Path) -> int:
-    with _open(av, path) as container:
+    with open_container(av, path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         return sum(1 for _ in container.decode(stream))
 
 
-def _refuse_still_image(path: Path, name: str) -> None:
+def refuse_still_image(path: Path, name: str) -> None:
     """A still image file (which FFmpeg would read as a 1-frame video) gets a line that names the mix-up.
     Only the image decoders the runtime allows are tried (never EPS, which would run Ghostscript)."""
     try:
