@@ -98,6 +98,37 @@ Layout = Union[SingleLayout, AnyresFasterVLMLayout, AnyresHFLayout, FramesLayout
 LAYOUTS: dict[str, type] = {cls.name: cls for cls in (SingleLayout, AnyresFasterVLMLayout, AnyresHFLayout, FramesLayout)}
 
 
+def token_sources(layout: Layout, grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """(sub-image, patch index) of each visual token of an unpruned item, in LLM order; `grid` is one
+    sub-image's patch grid (rows, cols). In-LLM pruning indexes its window with this list (the uniform grid
+    of each sub-image is found through it), and `--positions original` gives each kept token its index here.
+
+        single             (0, p) for p in raster order
+        frames             (f, p): frame after frame, each in raster order
+        anyres_fastervlm   the base image (0, p), then the tiles' patches in raster order over the stitched grid
+        anyres_hf          none: its token count depends on the image and its newline tokens are no patch
+    """
+    rows, cols = grid
+    per = rows * cols
+    if isinstance(layout, SingleLayout):
+        return [(0, p) for p in range(per)]
+    if isinstance(layout, FramesLayout):
+        return [(f, p) for f in range(layout.num_frames) for p in range(per)]
+    if isinstance(layout, AnyresFasterVLMLayout):
+        tiles_y, tiles_x = layout.grid
+        stitched = [(1 + (y // rows) * tiles_x + x // cols, (y % rows) * cols + x % cols)
+                    for y in range(tiles_y * rows) for x in range(tiles_x * cols)]
+        return [(0, p) for p in range(per)] + stitched
+    raise ValueError(f"layout {layout.name} places a data-dependent number of tokens (unpadding, newline tokens); "
+                     "it has no fixed token window")
+
+
+def uniform_grid(layout: Layout, grid: tuple[int, int], stride: int) -> list[int]:
+    """Window indices of grid[::stride, ::stride] of every sub-image (FEATHER's stage-1 uniform sample)."""
+    cols = grid[1]
+    return [w for w, (_, p) in enumerate(token_sources(layout, grid)) if (p // cols) % stride == 0 and (p % cols) % stride == 0]
+
+
 def layout_from_dict(data) -> Layout:
     if not isinstance(data, dict) or data.get("name") not in LAYOUTS:
         name = data.get("name") if isinstance(data, dict) else data

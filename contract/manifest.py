@@ -17,10 +17,13 @@ from contract.layouts import LAYOUTS, Layout, layout_from_dict, layout_to_dict
 from contract.names import (
     ATTENTION_MASK,
     BATCH,
+    HIDDEN_STATES,
     IMAGE_EMBEDS,
     IMAGE_FEATURES,
     INPUTS_EMBEDS,
     KEEP_INDICES,
+    KEEP_SLOTS,
+    KEEP_VALID,
     LLM,
     LOGITS,
     PAST,
@@ -30,11 +33,16 @@ from contract.names import (
     POSITION_IDS,
     PRESENT_KEY,
     PRESENT_VALUE,
+    PRUNE_LOGITS,
     SEQUENCE,
     TOTAL,
+    WINDOW_LOGITS,
+    WINDOW_VALID,
+    llm_block,
 )
 
-FORMAT_VERSION = 3  # 3: modalities name their vision and projector graphs, typed layouts, `precision`
+FORMAT_VERSION = 4  # 3: modalities name their vision and projector graphs, typed layouts, `precision`;
+# 4: `llm_pruning` (FEATHER / FastV decoder blocks and select graphs), `method.positions`
 MANIFEST_FILE = "manifest.json"
 TOOLKIT_VERSION = "0.1.0"
 
@@ -42,7 +50,9 @@ AXES = (BATCH, SEQUENCE, PAST, TOTAL)  # re-exported: the graphs' named dynamic 
 PRECISIONS = ("float32", "float16")  # the graphs' compute precision (inputs and outputs are float32 either way)
 NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is ~10 KB (+ the chat template); read at most this much
-METHODS = ("fastervlm", "none")
+METHODS = ("fastervlm", "none", "feather", "fastv")  # vision-side (fastervlm) or in-LLM (feather, fastv)
+LLM_METHODS = ("feather", "fastv")
+POSITIONS = ("packed", "original")  # visual tokens' RoPE positions: renumbered 0..K-1, or their unpruned ones
 
 
 @dataclass(frozen=True)
@@ -141,10 +151,11 @@ class LLMSpec:
         for name in ("past_key", "past_value", "present_key", "present_value"):
             checks.pattern(getattr(self, name), f"llm.{name}")
 
-    def cache_names(self) -> tuple[list[str], list[str]]:
-        """(past input names, present output names) of every layer, keys and values interleaved."""
-        past = [p.format(i) for i in range(self.num_layers) for p in (self.past_key, self.past_value)]
-        present = [p.format(i) for i in range(self.num_layers) for p in (self.present_key, self.present_value)]
+    def cache_names(self, layers: range | None = None) -> tuple[list[str], list[str]]:
+        """(past input names, present output names) of `layers` (default: every layer), keys and values interleaved."""
+        layers = range(self.num_layers) if layers is None else layers
+        past = [p.format(i) for i in layers for p in (self.past_key, self.past_value)]
+        present = [p.format(i) for i in layers for p in (self.present_key, self.present_value)]
         return past, present
 
 
@@ -240,10 +251,16 @@ class MethodSpec:
     grid: tuple[int, int]  # patch grid (rows, cols), raster order
     feature_layer: int  # vision_feature_layer as HF counts it (hidden_states index)
     score_layer: int  # 0-based encoder layer whose [CLS] attention row ranks the patches
+    # "packed": kept visual tokens take consecutive positions (FasterVLM's paper); "original": each keeps the
+    # position it has in the unpruned sequence and the text after the item continues from the unpruned length.
+    positions: str = "packed"
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ManifestError(f"manifest field method.name={checks._short(self.name)} must be one of {METHODS}: re-export")
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
+            raise ManifestError(f"manifest field method.positions={checks._short(self.positions)} must be one of "
+                                f"{POSITIONS}: re-export")
         checks.integer(self.num_patches, "method.num_patches", 1, 1 << 16)
         checks.integer(self.keep, "method.keep", 1, self.num_patches)
         grid = checks.sequence(self.grid, "method.grid", 2, 2)
@@ -252,6 +269,45 @@ class MethodSpec:
         object.__setattr__(self, "grid", grid)
         checks.integer(self.feature_layer, "method.feature_layer", -1024, 1024)
         checks.integer(self.score_layer, "method.score_layer", 0, 1024)
+
+
+@dataclass(frozen=True)
+class PruningSpec:
+    """In-LLM pruning (FEATHER, FastV): the decoder split into blocks at the prune layers, one select graph
+    per modality and stage. Block i runs layers [bounds[i], bounds[i+1]) with bounds = (0, *layers, L) as
+    graph `names.llm_block(i)`; every block but the last ends at a prune point (outputs hidden_states and
+    prune_logits); the last outputs logits."""
+
+    method: str  # a key of LLM_METHODS
+    layers: tuple[int, ...]  # K per stage: the first layer that sees fewer tokens, strictly increasing
+    reduction: float  # R in (0, 1): stage s keeps int(n (1 - R)^s) tokens by score (FastV: s = 1 only)
+    stride: int  # stage 1's uniform grid[::stride, ::stride] per sub-image (FEATHER); 0: no grid (FastV)
+    rope: bool  # the score's q and k carry RoPE (FastV) or not (FEATHER)
+    select: dict[str, tuple[str, ...]]  # modality -> its select graph key per stage
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method not in LLM_METHODS:
+            raise ManifestError(f"manifest field llm_pruning.method={checks._short(self.method)} must be one of "
+                                f"{LLM_METHODS}: re-export")
+        layers = checks.sequence(self.layers, "llm_pruning.layers", 1, 16)
+        for k in layers:
+            checks.integer(k, "llm_pruning.layers[*]", 1, checks.MAX_LAYERS)
+        if list(layers) != sorted(set(layers)):
+            raise ManifestError(f"manifest field llm_pruning.layers={list(layers)} must be strictly increasing: re-export")
+        object.__setattr__(self, "layers", layers)
+        checks.number(self.reduction, "llm_pruning.reduction", positive=True)
+        if not self.reduction < 1:
+            raise ManifestError(f"manifest field llm_pruning.reduction={self.reduction} must be in (0, 1): re-export")
+        checks.integer(self.stride, "llm_pruning.stride", 0, 1 << 16)
+        checks.boolean(self.rope, "llm_pruning.rope")
+        select = {}
+        for modality, keys in checks.mapping(self.select, "llm_pruning.select", 8).items():
+            keys = checks.sequence(keys, f"llm_pruning.select[{modality!r}]", len(layers), len(layers))
+            select[checks.text(modality, "llm_pruning.select key")] = tuple(checks.text(k, "select graph") for k in keys)
+        object.__setattr__(self, "select", select)
+
+    def bounds(self, num_layers: int) -> tuple[int, ...]:
+        return (0, *self.layers, num_layers)
 
 
 @dataclass(frozen=True)
@@ -268,6 +324,7 @@ class Manifest:
     toolkit_version: str = TOOLKIT_VERSION
     # Every file of the export but the manifest -> {"bytes": n, "sha256": hex}: `Pipeline.load(verify=True)`.
     files: dict[str, dict] = field(default_factory=dict)
+    llm_pruning: PruningSpec | None = None  # FEATHER / FastV: the LLM as blocks; None: one "llm" graph
 
     def __post_init__(self) -> None:
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
@@ -291,17 +348,43 @@ class Manifest:
             checks.integer(modality.placeholder_id, f"modalities[{name!r}].placeholder_id", 0, self.llm.vocab_size - 1)
             _check_names(self.graphs[modality.vision], {PIXEL_VALUES}, {IMAGE_FEATURES, KEEP_INDICES})
             _check_names(self.graphs[modality.projector], {IMAGE_FEATURES, KEEP_INDICES}, {IMAGE_EMBEDS})
-        if LLM not in self.graphs:
-            raise ManifestError(f"manifest has no {LLM!r} graph (it lists {sorted(self.graphs)[:8]}): re-export")
-        past, present = self.llm.cache_names()
-        _check_names(self.graphs[LLM], {INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, *past}, {LOGITS, *present},
-                     f" (llm.num_layers={self.llm.num_layers}, past_key={self.llm.past_key!r})")
+        if self.llm_pruning is not None:
+            pruning = self.llm_pruning
+            if not isinstance(pruning, PruningSpec):
+                raise ManifestError("manifest field llm_pruning is malformed: re-export")
+            if pruning.layers[-1] >= self.llm.num_layers:
+                raise ManifestError(f"manifest field llm_pruning.layers={list(pruning.layers)} must be within "
+                                    f"1..{self.llm.num_layers - 1}: re-export")
+            if set(pruning.select) != set(self.modalities):
+                raise ManifestError(f"manifest field llm_pruning.select names {sorted(pruning.select)}, the "
+                                    f"modalities are {sorted(self.modalities)}: re-export")
+            for keys in pruning.select.values():
+                for key in keys:
+                    if key not in self.graphs:
+                        raise ManifestError(f"llm_pruning names graph {key!r}, which the manifest does not list")
+                    _check_names(self.graphs[key], {WINDOW_LOGITS, WINDOW_VALID}, {KEEP_SLOTS, KEEP_VALID})
+        for key, layers in self.blocks():
+            if key not in self.graphs:
+                raise ManifestError(f"manifest has no {key!r} graph (it lists {sorted(self.graphs)[:8]}): re-export")
+            past, present = self.llm.cache_names(layers)
+            last = layers.stop == self.llm.num_layers
+            _check_names(self.graphs[key], {INPUTS_EMBEDS, ATTENTION_MASK, POSITION_IDS, *past},
+                         {LOGITS, *present} if last else {HIDDEN_STATES, PRUNE_LOGITS, *present},
+                         f" (llm.num_layers={self.llm.num_layers}, past_key={self.llm.past_key!r})")
         for name, record in checks.mapping(self.files, "files", checks.MAX_ENTRIES).items():
             checks.relative_path(name, "files key")
             if not isinstance(record, dict) or set(record) != {"bytes", "sha256"}:
                 raise ManifestError(f"manifest field files[{name!r}] must be {{bytes, sha256}}: re-export")
             checks.integer(record["bytes"], f"files[{name!r}].bytes", 0, 1 << 50)
             checks.sha256(record["sha256"], f"files[{name!r}].sha256")
+
+    def blocks(self) -> list[tuple[str, range]]:
+        """(graph key, decoder layers) of each LLM graph in the order they run: [("llm", 0..L-1)] unless the
+        export prunes inside the LLM."""
+        if self.llm_pruning is None:
+            return [(LLM, range(self.llm.num_layers))]
+        bounds = self.llm_pruning.bounds(self.llm.num_layers)
+        return [(llm_block(i), range(a, b)) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
     def paths(self) -> dict[str, str]:
         """Every file name the manifest mentions -> the field that names it."""
@@ -385,6 +468,12 @@ class Manifest:
             method["grid"] = tuple(method["grid"])
             llm = dict(data["llm"])
             llm["eos_token_ids"] = tuple(llm["eos_token_ids"])
+            pruning = data.get("llm_pruning")
+            if pruning is not None:
+                pruning = dict(pruning)
+                pruning["layers"] = tuple(pruning["layers"])
+                pruning["select"] = {k: tuple(v) for k, v in checks.mapping(pruning["select"], "llm_pruning.select", 8).items()}
+                pruning = PruningSpec(**pruning)
             return cls(
                 family=data["family"],
                 method=MethodSpec(**method),
@@ -398,6 +487,7 @@ class Manifest:
                 format_version=data["format_version"],
                 toolkit_version=data["toolkit_version"],
                 files=dict(data.get("files", {})),
+                llm_pruning=pruning,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             reason = " ".join(str(exc).split())[:200]

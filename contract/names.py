@@ -10,6 +10,16 @@ VISION = "vision"
 PROJECTOR = "projector"
 LLM = "llm"
 
+
+def llm_block(index: int) -> str:
+    """Graph key of decoder block `index` of an export pruned inside the LLM (FEATHER, FastV): llm.0, llm.1, ..."""
+    return f"{LLM}.{index}"
+
+
+def select_graph(modality: str, stage: int) -> str:
+    """Graph key of the token selection of prune stage `stage` (1, 2, ...) for one modality's window."""
+    return f"select.{modality}.{stage}"
+
 # Tensor roles of the three kinds of graph.
 PIXEL_VALUES = "pixel_values"  # vision in:   [batch, 3, H, W] float32, preprocessed sub-images
 IMAGE_FEATURES = "image_features"  # vision out:  [batch, N, C] feature-layer tokens ([CLS] dropped unless kept)
@@ -19,6 +29,15 @@ INPUTS_EMBEDS = "inputs_embeds"  # llm in: [batch, sequence, D]
 ATTENTION_MASK = "attention_mask"  # llm in: [batch, total_sequence] int64, 0 at left padding
 POSITION_IDS = "position_ids"  # llm in: [batch, sequence] int64
 LOGITS = "logits"  # llm out: [batch, V] next-token logits of the last position
+# In-LLM pruning (FEATHER, FastV): a decoder block that ends at a prune point outputs its hidden states and
+# the last token's attention logits for the next layer; a select graph turns the image tokens' logits into
+# the kept slots.
+HIDDEN_STATES = "hidden_states"  # llm block out: [batch, sequence, D], the next block's inputs_embeds
+PRUNE_LOGITS = "prune_logits"  # llm block out: [batch, H, sequence] float32, last token's q.k/sqrt(d) per head
+WINDOW_LOGITS = "window_logits"  # select in: [batch, H, n] the prune logits of the window's image tokens
+WINDOW_VALID = "window_valid"  # select in: [batch, n] int64, 1 = a real token of the window, 0 = empty slot
+KEEP_SLOTS = "keep_slots"  # select out: [batch, slots] int64, kept window indices ascending, then filler
+KEEP_VALID = "keep_valid"  # select out: [batch, slots] int64, 1 = kept, 0 = filler (never attended)
 
 # Dynamic axis names (a shape entry is an int when static, one of these names when dynamic).
 BATCH = "batch"

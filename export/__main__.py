@@ -13,19 +13,38 @@ def parser() -> ArgumentParser:
 
     p = ArgumentParser(
         prog="python -m export",
-        description="Export a vision-language model with FasterVLM visual-token pruning as ONNX graphs "
-        "(vision encoder + top-k, gather + projector, LLM with KV cache) plus a manifest.",
-        epilog="example: python -m export llava15 --keep 32 --model tiny",
+        description="Export a vision-language model with visual-token pruning as ONNX graphs plus a manifest: "
+        "FasterVLM (vision encoder + top-k, gather + projector, LLM with KV cache) or FEATHER / FastV (the LLM split "
+        "into blocks at the prune layers, each with its own KV cache, and a selection graph per prune point).",
+        epilog="examples: python -m export llava15 --keep 32 --model tiny; "
+        "python -m export llava15 --method feather --model tiny",
     )
     p.add_argument("family", help=f"model family: {', '.join(sorted(FAMILIES))}")
-    p.add_argument("--keep", type=int, required=True, metavar="K",
-                   help="visual tokens kept per image, tile or frame; all patches = no pruning (" +
+    p.add_argument("--method", default="fastervlm", choices=("fastervlm", "feather", "fastv"),
+                   help="fastervlm (default): keep the top K patches by the vision encoder's [CLS] attention (--keep); "
+                   "feather: prune inside the LLM at two layers by the last prompt token's attention (no RoPE) plus a "
+                   "uniform grid, original positions; fastv: prune once inside the LLM (with RoPE). See README 'FEATHER'")
+    p.add_argument("--keep", type=int, default=None, metavar="K",
+                   help="FasterVLM: visual tokens kept per image, tile or frame; all patches = no pruning (" +
                    "; ".join(f"{name}: {family.KEEP_HELP}" for name, family in sorted(FAMILIES.items())) + ")")
     p.add_argument("--model", default=None,
                    help="checkpoint: a local HF directory, an HF id already in the local cache, 'tiny' "
-                   "(built-in random-weight model, offline) or 'bench' (larger random model); default: the family's "
+                   "(built-in random-weight model, offline), 'bench' (larger random model) or 'bench-smollm2' (the bench vision "
+                   "tower before SmolLM2-135M-Instruct's real LLM weights); default: the family's "
                    "reference checkpoint (" + "; ".join(f"{n}: {f.DEFAULT_MODEL}" for n, f in sorted(FAMILIES.items())) + ")")
-    p.add_argument("--out", type=Path, default=None, help="export directory (default: exports/FAMILY-kK)")
+    p.add_argument("--prune-layers", type=_layers, default=None, metavar="K1,K2",
+                   help="feather / fastv: first LLM layer of each pruned block, 0-based (default: feather 8,16, fastv 3, "
+                   "for a 32-layer LLM; scaled to round(K*L/32) for an LLM of L layers)")
+    p.add_argument("--reduction", type=float, default=None, metavar="R",
+                   help="feather / fastv: R in (0, 1); stage s keeps int(n*(1-R)^s) tokens by score (default: feather 0.7, "
+                   "fastv 0.75)")
+    p.add_argument("--grid-stride", type=int, default=None, metavar="S",
+                   help="feather: stage 1 also keeps grid[::S, ::S] of every sub-image (default 3: 64 of 24x24)")
+    p.add_argument("--positions", default=None, choices=("packed", "original"),
+                   help="fastervlm: kept tokens' RoPE positions renumbered (packed, default, as in FasterVLM's paper) or "
+                   "the ones they have in the unpruned sequence (original); feather / fastv always use original")
+    p.add_argument("--out", type=Path, default=None,
+                   help="export directory (default: exports/FAMILY-kK, exports/FAMILY-feather, exports/FAMILY-fastv)")
     p.add_argument("--force", action="store_true", help="replace the export directory if it exists")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip checking each graph against PyTorch (ONNX Runtime on random inputs)")
@@ -42,6 +61,15 @@ def parser() -> ArgumentParser:
     return p
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices, e.g. 8,16") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
@@ -51,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         options = ExportOptions(
             family=args.family, keep=args.keep, model=args.model, out=args.out, force=args.force,
             validate=args.validate, opset=args.opset, max_seq_len=args.max_seq_len, layout=args.layout,
-            dtype=args.dtype,
+            dtype=args.dtype, method=args.method, prune_layers=args.prune_layers, reduction=args.reduction,
+            grid_stride=args.grid_stride, positions=args.positions,
         )
         from export.api import run as export  # heavy (transformers, onnx): only once the options are valid
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,7 +11,8 @@ import numpy as np
 
 from contract import compare, files, names
 from contract.errors import ExportError
-from contract.manifest import LLMSpec, Manifest, PromptSpec, record_files
+from contract.layouts import token_sources, uniform_grid
+from contract.manifest import LLMSpec, Manifest, PromptSpec, PruningSpec, record_files
 from contract.progress import Progress
 from export import checkpoints, llm, onnx_io
 from export.families import FAMILIES
@@ -21,7 +23,8 @@ EMBEDDINGS_FILE = "embed_tokens.npy"
 
 
 def run(options: ExportOptions, progress: Progress | None = None) -> Path:
-    """Export `options.family` with FasterVLM at `options.keep`; returns the export directory."""
+    """Export `options.family` with its pruning method (FasterVLM at `options.keep`, or FEATHER / FastV inside
+    the LLM); returns the export directory."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress lines say what is loading
@@ -33,10 +36,27 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     # Everything the user chose is checked before the first progress line: bad input gets one line, the error.
     path = checkpoints.for_family(family, model_name, step=progress.step)
     config = family.read_config(path)
-    method = family.method_spec(config, options.keep)
-    layout = options.layout or family.default_layout(method.keep, method.num_patches)
+    pruning = None
+    if options.in_llm:  # the vision side keeps every patch; the LLM prunes
+        patches = family.method_spec(config, 1).num_patches
+        method = dataclasses.replace(family.method_spec(config, patches), name=options.method, positions="original")
+        pruning = options.llm_pruning(config.get_text_config().num_hidden_layers)
+        stride, grid = pruning[2], method.grid
+        if stride > min(grid):
+            raise ExportError(f"--grid-stride {stride} is larger than the {grid[0]}x{grid[1]} patch grid; use 1..{min(grid)}")
+        _check_stages(method, *pruning)
+        layout = options.layout or next(name for name, spec in family.LAYOUTS.items() if not spec.unpruned_only)
+        if family.LAYOUTS[layout].unpruned_only:
+            others = [name for name, spec in family.LAYOUTS.items() if not spec.unpruned_only]
+            raise ExportError(f"--layout {layout} has no fixed token window (unpadding, newline tokens) for --method "
+                              f"{options.method}; use --layout {' / '.join(others)}")
+    else:
+        method = dataclasses.replace(family.method_spec(config, options.keep), positions=options.positions or "packed")
+        layout = options.layout or family.default_layout(method.keep, method.num_patches)
     if layout not in family.LAYOUTS:
         raise ExportError(f"--layout {layout!r} is not one of {family.NAME}'s layouts: {', '.join(family.LAYOUTS)}")
+    if method.positions == "original" and family.LAYOUTS[layout].unpruned_only:
+        raise ExportError(f"--positions original needs a layout with a fixed token window; --layout {layout} has none")
     if family.LAYOUTS[layout].unpruned_only and method.keep != method.num_patches:
         others = [name for name, spec in family.LAYOUTS.items() if not spec.unpruned_only]
         raise ExportError(
@@ -49,19 +69,26 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
     with files.replacing(out, options.force, ExportError) as tmp:
         with progress.step(f"loading {path}"):
             model, processor = family.load(path)
-        _write(tmp, family, model, processor, method, layout, options, model_name, progress)
+        _write(tmp, family, model, processor, method, layout, options, model_name, progress, pruning)
     progress.say(f"wrote {out}")
     return out
 
 
 def _write(directory: Path, family, model, processor, method, layout: str, options: ExportOptions,
-           model_name: str, progress: Progress) -> None:
+           model_name: str, progress: Progress, pruning: tuple | None) -> None:
     import torch
     import transformers
 
     specs = {}
     all_checks = []
+    text_decoder, lm_head = family.decoder(model)
+    modalities = family.modalities(model, processor, method, directory, layout)
     exports = family.graphs(model, method)
+    llm_pruning = None
+    if pruning is not None:
+        exports = [g for g in exports if g.name != names.LLM]
+        new_exports, llm_pruning = _llm_pruning(text_decoder, lm_head, method, modalities, *pruning)
+        exports += new_exports
     for graph in exports:
         with progress.step(f"exporting {graph.name} graph"):
             specs[graph.name] = onnx_io.export_graph(graph, directory, options.opset)
@@ -83,8 +110,7 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
 
         specs = precision.run(directory, exports, specs, options.validate, progress)
 
-    text_decoder, lm_head = family.decoder(model)
-    _, dims = llm.llm_spec(text_decoder, lm_head, specs[names.LLM].file)
+    _, dims = llm.llm_spec(text_decoder, lm_head, "llm.onnx")
     np.save(directory / EMBEDDINGS_FILE, text_decoder.embed_tokens.weight.detach().float().numpy())
     prompt = _save_tokenizer(processor, directory)
     text_config = model.config.get_text_config()
@@ -99,7 +125,7 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
     manifest = Manifest(
         family=family.NAME,
         method=method,
-        modalities=family.modalities(model, processor, method, directory, layout),
+        modalities=modalities,
         prompt=prompt,
         llm=LLMSpec(**dims, max_seq_len=max_seq_len, embeddings=EMBEDDINGS_FILE, eos_token_ids=eos_ids,
                     pad_token_id=int(pad)),
@@ -113,8 +139,51 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
             "transformers": transformers.__version__,
         },
         files=record_files(directory),  # last: the arguments above (modalities) may write files
+        llm_pruning=llm_pruning,
     )
     manifest.write(directory)
+
+
+def _check_stages(method, layers: tuple[int, ...], reduction: float, stride: int) -> None:
+    """Every stage keeps a token of the smallest window an item can have (one sub-image): checked before
+    anything loads. Larger windows (tiles, frames) keep at least as many at every stage."""
+    from export import feather
+
+    window, grid = method.num_patches, len(range(0, method.grid[0], stride or 1)) * len(range(0, method.grid[1], stride or 1))
+    for stage, layer in enumerate(layers, 1):
+        try:
+            window = feather.StageSelect(window, reduction, stage, range(grid) if stage == 1 and stride else ()).slots
+        except ExportError:
+            raise ExportError(f"--reduction {reduction}: the prune point at layer {layer} keeps no token of {window}; "
+                              "choose a smaller --reduction or fewer --prune-layers") from None
+
+
+def _llm_pruning(decoder, lm_head, method, modalities: dict, layers: tuple[int, ...], reduction: float,
+                 stride: int) -> tuple[list, PruningSpec]:
+    """FEATHER / FastV: the decoder blocks between the prune layers, and per modality one select graph per
+    stage. Stage s of FEATHER keeps int(n (1-R)^s) by score of the n tokens left (stage 1 also the uniform
+    grid of every sub-image); FastV's single stage keeps int(n (1-R))."""
+    from export import feather
+
+    rope = method.name == "fastv"
+    exports = llm.block_exports(decoder, lm_head, (0, *layers, len(decoder.layers)), rope)
+    heads = decoder.config.num_attention_heads
+    select = {}
+    for modality, spec in modalities.items():
+        window = len(token_sources(spec.layout, method.grid))
+        grid = uniform_grid(spec.layout, method.grid, stride) if stride else ()
+        keys = []
+        for stage in range(1, len(layers) + 1):
+            key = names.select_graph(modality, stage)
+            try:
+                graph, chosen = feather.select_export(key, heads, window, reduction, stage, grid if stage == 1 else ())
+            except ExportError as exc:
+                raise ExportError(f"{exc}: choose a smaller --reduction or fewer --prune-layers") from None
+            exports.append(graph)
+            keys.append(key)
+            window = chosen.slots
+        select[modality] = tuple(keys)
+    return exports, PruningSpec(method.name, tuple(layers), reduction, stride, rope, select)
 
 
 def _save_tokenizer(processor, directory: Path) -> PromptSpec:

@@ -59,7 +59,7 @@ class StageSelect(nn.Module):
         counts = [int(n * fraction) for n in range(window + 1)]
         self.window = window
         self.topk = counts[window]  # static upper bound of the top-k count (TopK's constant K)
-        self.slots = self.topk + len(grid)
+        self.slots = min(self.topk + len(grid), window)  # the union never exceeds the window
         if self.slots < 1:
             raise ExportError(f"stage {stage} keeps no token of {window} at reduction {reduction}")
         grid_mask = torch.zeros(window, dtype=torch.bool)
@@ -89,3 +89,41 @@ class StageSelect(nn.Module):
         key = torch.where(member, self.positions, self.positions + self.window)  # [B, n] distinct
         order = torch.topk(key, self.slots, dim=-1, largest=False)  # sorted ascending
         return order.indices, order.values < self.window  # [B, slots] int64, [B, slots] bool
+
+
+class SelectGraph(nn.Module):
+    """StageSelect with the graph's int64 validity tensors: (window_logits [B, H, n], window_valid [B, n])
+    -> (keep_slots [B, slots], keep_valid [B, slots])."""
+
+    def __init__(self, select: StageSelect):
+        super().__init__()
+        self.select = select
+
+    def forward(self, window_logits: torch.Tensor, window_valid: torch.Tensor):
+        keep, keep_valid = self.select(window_logits, window_valid > 0)
+        return keep, keep_valid.long()
+
+
+def select_export(name: str, heads: int, window: int, reduction: float, stage: int, grid: Sequence[int] = ()):
+    """The GraphExport of one select graph (`names.select_graph(modality, stage)`)."""
+    from contract import names
+    from contract.manifest import BATCH, GraphSpec, TensorSpec
+    from export.graph import GraphExport
+
+    select = StageSelect(window, reduction, stage, grid)
+    spec = GraphSpec(
+        file=f"{name}.onnx",
+        inputs=(TensorSpec(names.WINDOW_LOGITS, "float32", (BATCH, heads, window)),
+                TensorSpec(names.WINDOW_VALID, "int64", (BATCH, window))),
+        outputs=(TensorSpec(names.KEEP_SLOTS, "int64", (BATCH, select.slots)),
+                 TensorSpec(names.KEEP_VALID, "int64", (BATCH, select.slots))),
+    )
+
+    def example(seed: int) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        valid = torch.ones(2, window, dtype=torch.int64)
+        valid[1] = (torch.rand(window, generator=gen) < 0.6).long()  # a window with empty slots (stage 2)
+        valid[1, 0] = 1
+        return {names.WINDOW_LOGITS: 4 * torch.randn(2, heads, window, generator=gen), names.WINDOW_VALID: valid}
+
+    return GraphExport(name, SelectGraph(select).eval(), spec, example, tolerances={}), select

@@ -39,9 +39,9 @@ class _GraphCache:
     """Stands in for transformers' Cache inside the traced forward: `update` appends the new keys and
     values to the layer's past and records the result as that layer's present output."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.past = past
-        self.present: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(past)
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past  # layer index -> (key, value)
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         past_key, past_value = self.past[layer_idx]
@@ -68,10 +68,22 @@ def additive_causal_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torc
     return torch.where(allowed, zero, neg).unsqueeze(1)  # [B, 1, S, P+S]
 
 
-class DecoderGraph(nn.Module):
-    """Wraps an HF decoder (`decoder`: embed_tokens, layers, norm, rotary_emb) and its `lm_head`."""
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module):
+
+class DecoderGraph(nn.Module):
+    """Wraps an HF decoder (`decoder`: embed_tokens, layers, norm, rotary_emb) and its `lm_head`.
+
+    layers: the block of decoder layers this graph runs (default: all). The block that ends the decoder
+    outputs the next-token logits; any other block outputs its hidden states and, for the prune point after
+    it, `prune_logits`: the last token's attention logits at the block's last layer (METHODS.md, FEATHER:
+    that layer's input_layernorm, q_proj and k_proj on the hidden states entering it; RoPE on q and k only
+    when `rope`, FastV's score), per query head against its KV head, over every position of the sequence.
+    """
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: range | None = None, rope: bool = False):
         super().__init__()
         for part in ("layers", "norm", "rotary_emb"):
             if not hasattr(decoder, part):
@@ -85,14 +97,41 @@ class DecoderGraph(nn.Module):
         self.decoder = decoder
         self.lm_head = lm_head
         self.num_layers = len(decoder.layers)
+        self.layers = range(self.num_layers) if layers is None else layers
+        self.last = self.layers.stop == self.num_layers
+        self.rope = rope
+        cfg = decoder.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+
+    def prune_logits(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """[B, S, D] hidden states entering `layer` -> [B, H, S] float32: q(last token) . k(each token) / sqrt(d)."""
+        attn = layer.self_attn
+        batch, seq, _ = hidden.shape
+        x = layer.input_layernorm(hidden)  # [B, S, D]
+        q = attn.q_proj(x[:, -1:]).view(batch, 1, self.heads, self.head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+        k = attn.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        if self.rope:
+            cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # [B, 1, S, Dh]
+            q = q * cos[:, :, -1:] + _rotate_half(q) * sin[:, :, -1:]
+            k = k * cos + _rotate_half(k) * sin
+        group = self.heads // self.kv_heads  # query head h reads KV head h // group: no expanded keys
+        q = q.reshape(batch, self.kv_heads, group, self.head_dim)  # [B, Hkv, G, Dh]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5  # [B, Hkv, G, S]
+        return logits.reshape(batch, self.heads, seq).float()
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past_flat):
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.num_layers)]
+        past = {index: (past_flat[2 * j], past_flat[2 * j + 1]) for j, index in enumerate(self.layers)}
         cache = _GraphCache(past)
         hidden = inputs_embeds  # [B, S, D]
         mask = additive_causal_mask(attention_mask, hidden.shape[1], hidden.dtype)  # [B, 1, S, P+S]
         position_embeddings = self.decoder.rotary_emb(hidden, position_ids=position_ids)
-        for layer in self.decoder.layers:
+        prune_logits = None
+        for index in self.layers:
+            layer = self.decoder.layers[index]
+            if not self.last and index == self.layers.stop - 1:
+                prune_logits = self.prune_logits(layer, hidden, position_embeddings)
             hidden = layer(
                 hidden,
                 attention_mask=mask,
@@ -101,25 +140,34 @@ class DecoderGraph(nn.Module):
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )
+        present = [t for index in self.layers for t in cache.present[index]]
+        if not self.last:
+            return (hidden, prune_logits, *present)
         hidden = self.decoder.norm(hidden[:, -1])  # [B, D]: only the next-token logits are needed
         logits = self.lm_head(hidden).float()  # [B, V]
-        present = [t for pair in cache.present for t in pair]
         return (logits, *present)
 
 
-def llm_spec(decoder: nn.Module, lm_head: nn.Module, file: str, dtype: str = "float32") -> tuple[GraphSpec, dict]:
-    """Tensor specs of the LLM graph and its dims (for the manifest's `llm` section)."""
+def llm_spec(decoder: nn.Module, lm_head: nn.Module, file: str, dtype: str = "float32",
+             layers: range | None = None) -> tuple[GraphSpec, dict]:
+    """Tensor specs of the LLM graph (or of the block running `layers`) and the LLM's dims (the manifest's
+    `llm` section)."""
     cfg = decoder.config
     num_heads = cfg.num_attention_heads
     num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    layers = range(len(decoder.layers)) if layers is None else layers
     inputs = [
         TensorSpec(names.INPUTS_EMBEDS, dtype, (BATCH, SEQUENCE, cfg.hidden_size)),
         TensorSpec(names.ATTENTION_MASK, "int64", (BATCH, TOTAL)),
         TensorSpec(names.POSITION_IDS, "int64", (BATCH, SEQUENCE)),
     ]
-    outputs = [TensorSpec(names.LOGITS, "float32", (BATCH, lm_head.out_features))]
-    for i in range(len(decoder.layers)):
+    if layers.stop == len(decoder.layers):
+        outputs = [TensorSpec(names.LOGITS, "float32", (BATCH, lm_head.out_features))]
+    else:
+        outputs = [TensorSpec(names.HIDDEN_STATES, dtype, (BATCH, SEQUENCE, cfg.hidden_size)),
+                   TensorSpec(names.PRUNE_LOGITS, "float32", (BATCH, num_heads, SEQUENCE))]
+    for i in layers:
         for pattern in (PAST_KEY, PAST_VALUE):
             inputs.append(TensorSpec(pattern.format(i), dtype, (BATCH, num_kv, PAST, head_dim)))
         for pattern in (PRESENT_KEY, PRESENT_VALUE):
@@ -153,21 +201,36 @@ def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4,
     return feeds
 
 
-def graph_export(decoder: nn.Module, lm_head: nn.Module, spec: GraphSpec) -> GraphExport:
+def graph_export(decoder: nn.Module, lm_head: nn.Module, spec: GraphSpec, name: str = names.LLM,
+                 layers: range | None = None, rope: bool = False) -> GraphExport:
     tolerances = {t.name: Tolerance(1e-4, 1e-4) for t in spec.outputs}
     tolerances[names.LOGITS] = Tolerance(1e-3, 1e-3)
+    tolerances[names.PRUNE_LOGITS] = Tolerance(1e-3, 1e-3)
     return GraphExport(
-        names.LLM, DecoderGraph(decoder, lm_head).eval(), spec,
+        name, DecoderGraph(decoder, lm_head, layers, rope).eval(), spec,
         lambda seed: example_inputs(spec, *EXAMPLE_SIZES[seed % len(EXAMPLE_SIZES)], seed=seed), tolerances,
         compared=_cache_positions_in_use,
     )
 
 
+def block_exports(decoder: nn.Module, lm_head: nn.Module, bounds: tuple[int, ...], rope: bool) -> list[GraphExport]:
+    """The decoder as blocks [bounds[i], bounds[i+1]), graphs names.llm_block(i): one copy of every weight."""
+    exports = []
+    for i, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        layers = range(start, stop)
+        spec, _ = llm_spec(decoder, lm_head, f"{names.llm_block(i)}.onnx", layers=layers)
+        exports.append(graph_export(decoder, lm_head, spec, names.llm_block(i), layers, rope))
+    return exports
+
+
 def _cache_positions_in_use(feeds: dict, name: str):
     """KV-cache entries at left-padding positions are never attended to; compare only the others."""
-    if not name.startswith("present."):
-        return None
-    return feeds[names.ATTENTION_MASK].numpy().astype(bool)[:, None, :, None]  # [B, 1, P+S, 1]
+    valid = feeds[names.ATTENTION_MASK].numpy().astype(bool)  # [B, P+S]
+    if name.startswith("present."):
+        return valid[:, None, :, None]  # [B, 1, P+S, 1]
+    if name == names.HIDDEN_STATES:  # padding queries' rows are fully masked: never read
+        return valid[:, -feeds[names.INPUTS_EMBEDS].shape[1]:, None]  # [B, S, 1]
+    return None
 
 
 # (batch, new tokens, past tokens) per example seed: the tracing case, then a prefill and a decode step.

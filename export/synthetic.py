@@ -13,6 +13,7 @@ from pathlib import Path
 from contract.errors import ExportError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "smollm2"  # a text size of SIZES: SmolLM2-135M-Instruct's own config and (dequantized) weights
 
 
 def smollm2_dir() -> Path:
@@ -56,7 +57,7 @@ SIZES = {
     # Small enough for tests: a few seconds to export, a few MB of weights besides the vocabulary.
     "tiny": (
         dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
-        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     ),
     # Benchmark size: the real token counts and roughly LLaVA-1.5's LLM:vision compute ratio (~25:1), small
     # enough that one full LLaVA-1.5 prefill takes a few seconds on a 2-core CPU.
@@ -64,6 +65,12 @@ SIZES = {
         dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
         dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
              num_key_value_heads=16),
+    ),
+    # The bench vision tower and projector (random) in front of a real LLM: SmolLM2-135M-Instruct's weights
+    # (30 layers, 9 query / 3 KV heads), for what depends on trained attention (FastV's positional bias).
+    "bench-smollm2": (
+        dict(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4),
+        SMOLLM2,
     ),
 }
 
@@ -80,6 +87,10 @@ def tower_configs(tokenizer, vision: dict, text: dict, image_size: int, max_posi
     from transformers import CLIPVisionConfig, LlamaConfig
 
     vision_config = CLIPVisionConfig(image_size=image_size, patch_size=14, hidden_act="quick_gelu", **vision)
+    if text == SMOLLM2:
+        text_config = smollm2_llm(tokenizer).config
+        text_config.max_position_embeddings = max(max_positions, text_config.max_position_embeddings)
+        return vision_config, text_config
     text_config = LlamaConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max_positions, **text,
@@ -87,13 +98,32 @@ def tower_configs(tokenizer, vision: dict, text: dict, image_size: int, max_posi
     return vision_config, text_config
 
 
-def save_random_model(model_class, config, tokenizer, directory: Path, seed: int, towers) -> None:
+def smollm2_llm(tokenizer):
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, fp32, dequantized from the GGUF), its embedding table grown
+    to `tokenizer`'s size (the added placeholder rows: transformers' mean-of-rows initialisation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.vocab_size = len(tokenizer)
+    model.config.tie_word_embeddings = False  # the LLaVA model gets its own copy of the LM head
+    return model
+
+
+def save_random_model(model_class, config, tokenizer, directory: Path, seed: int, towers, llm=None) -> None:
     """Seeded random weights, sharpened vision attention (`towers(model)` lists the CLIP towers), the
-    tokenizer's EOS/pad in the generation config, saved with `save_pretrained`."""
+    tokenizer's EOS/pad in the generation config, saved with `save_pretrained`. llm=SMOLLM2: the language
+    model and LM head get SmolLM2-135M-Instruct's real weights."""
     import torch
 
     torch.manual_seed(seed)
     model = model_class(config).eval()
+    if llm == SMOLLM2:
+        real = smollm2_llm(tokenizer)
+        with torch.no_grad():
+            model.model.language_model.load_state_dict(real.model.state_dict())
+            model.lm_head.weight.copy_(real.lm_head.weight)
     for tower in towers(model):
         sharpen_attention(tower.encoder.layers, factor=8.0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

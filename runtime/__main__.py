@@ -57,7 +57,8 @@ def parser() -> ArgumentParser:
                    "built by `python -m engines build EXPORT_DIR`")
     p.add_argument("--json", action="store_true", help="print one JSON object (answer, kept indices, timings)")
     p.add_argument("--save-kept", type=Path, default=None, metavar="PNG",
-                   help="save the image as the model saw it, with the kept patches outlined and the rest dimmed")
+                   help="save the image as the model saw it, with the kept patches outlined and the rest dimmed "
+                   "(FEATHER / FastV: the tokens kept at the first prune point outlined, at the last one filled)")
     p.add_argument("--verify", action="store_true", help="first check every file of the export against the sha256 "
                    "the manifest records (reads the whole export); alone, without --image/--video: only check")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -139,25 +140,43 @@ def _run(args) -> int:
         from runtime.visualize import save_kept
 
         pixels, _ = pipe.layouts[modality].tiles(source)  # [S, 3, H, W] (tiles, frames): drawn side by side
-        save_kept(args.save_kept, pixels, result.kept_indices.reshape(len(pixels), -1),
-                  pipe.modality(modality).preprocess, pipe.manifest.method.grid)
+        kept, filled = result.kept_indices.reshape(len(pixels), -1), None
+        if result.kept_stages:  # in-LLM pruning: stage 1 outlined, the last stage filled
+            from contract.layouts import token_sources
+            from runtime.visualize import per_sub_image
+
+            sources = token_sources(pipe.modality(modality).layout, pipe.manifest.method.grid)
+            kept = per_sub_image(result.kept_stages[0], sources, len(pixels))
+            if len(result.kept_stages) > 1:
+                filled = per_sub_image(result.kept_stages[-1], sources, len(pixels))
+        save_kept(args.save_kept, pixels, kept, pipe.modality(modality).preprocess, pipe.manifest.method.grid,
+                  filled=filled)
     method = pipe.manifest.method
+    pruning = pipe.manifest.llm_pruning
     if args.json:
         _write(json.dumps({
             "text": result.text,
             "token_ids": result.token_ids,
             "finish_reason": result.finish_reason,
             "kept_indices": result.kept_indices.tolist(),
-            "method": {"name": method.name, "keep": method.keep, "num_patches": method.num_patches},
+            "kept_stages": [k.tolist() for k in result.kept_stages],
+            "method": {"name": method.name, "keep": method.keep, "num_patches": method.num_patches,
+                       "positions": method.positions, "prune_layers": list(pruning.layers) if pruning else None},
             "prompt_tokens": result.prompt_tokens,
             "timings": result.timings.as_dict(),
         }, indent=2))
         return 0
     t = result.timings
     _write("")
+    if pruning is not None:
+        window = len(result.kept_indices.reshape(-1))
+        kept_text = (f"{method.name} kept " + " then ".join(str(len(k)) for k in result.kept_stages) +
+                     f" of {window} visual tokens at LLM layers {', '.join(map(str, pruning.layers))}")
+    else:
+        kept_text = (f"{method.name} kept {method.keep}/{method.num_patches} visual tokens"
+                     f"{' per sub-image' if result.kept_indices.ndim > 1 else ''}")
     print(
-        f"-- {method.name} kept {method.keep}/{method.num_patches} visual tokens"
-        f"{' per sub-image' if result.kept_indices.ndim > 1 else ''} | prompt {result.prompt_tokens} tokens | "
+        f"-- {kept_text} | prompt {result.prompt_tokens} tokens | "
         f"{len(result.token_ids)} generated ({result.finish_reason})",
         file=sys.stderr,
     )
@@ -168,7 +187,8 @@ def _run(args) -> int:
         file=sys.stderr,
     )
     if args.save_kept is not None:
-        print(f"-- kept patches drawn in {args.save_kept}", file=sys.stderr)
+        drawn = "stage 1 outlined, last stage filled" if len(result.kept_stages) > 1 else "outlined"
+        print(f"-- kept patches drawn in {args.save_kept} ({drawn})", file=sys.stderr)
     return 0
 
 

@@ -51,22 +51,19 @@ def _is_integer(value) -> bool:
 
 
 class KVCache:
-    """Per-layer past keys/values as backend values, [B, Hkv, P, Dh] each."""
+    """Past keys/values of the layers of one LLM graph (block) as backend values, [B, Hkv, P, Dh] each."""
 
-    def __init__(self, llm: LLMSpec, batch: int, dtype=np.float32):
+    def __init__(self, llm: LLMSpec, batch: int, dtype=np.float32, layers: range | None = None):
         empty = np.zeros((batch, llm.num_kv_heads, 0, llm.head_dim), dtype=dtype)
         self.llm = llm
-        self.values: dict[str, object] = {}
-        for i in range(llm.num_layers):
-            self.values[llm.past_key.format(i)] = empty
-            self.values[llm.past_value.format(i)] = empty
+        self.past, self.present = llm.cache_names(layers)
+        self.values: dict[str, object] = {name: empty for name in self.past}
         self.length = 0
 
     def update(self, outputs: dict, new_tokens: int) -> None:
         """Take the graph's `present` outputs as the next call's `past` inputs (no copy)."""
-        for i in range(self.llm.num_layers):
-            self.values[self.llm.past_key.format(i)] = outputs[self.llm.present_key.format(i)]
-            self.values[self.llm.past_value.format(i)] = outputs[self.llm.present_value.format(i)]
+        for past, present in zip(self.past, self.present):
+            self.values[past] = outputs[present]
         self.length += new_tokens
 
 
@@ -78,60 +75,129 @@ class Prefix:
     length: int  # P
 
 
+@dataclass(frozen=True)
+class Block:
+    """One LLM graph: the whole decoder, or one block of it between prune points (FEATHER, FastV)."""
+
+    runner: Runner
+    layers: range
+    select: dict[str, Runner] = field(default_factory=dict)  # modality -> select graph of the prune point after it
+
+
+@dataclass
+class Stage:
+    """What one prune point kept, per row: window indices (into the item's unpruned tokens, layout order)."""
+
+    kept: np.ndarray  # [B, slots] int64: kept indices ascending, then filler
+    valid: np.ndarray  # [B, slots] bool: False = filler (not kept)
+
+    def row(self, row: int) -> np.ndarray:
+        return self.kept[row][self.valid[row]]
+
+
 @dataclass
 class DecodeState:
     """Everything the loop carries from one step to the next."""
 
-    cache: KVCache
-    attention_mask: np.ndarray  # [B, P] int64, 1 = token, 0 = left padding
+    caches: list[KVCache]  # one per block
+    masks: list[np.ndarray]  # per block [B, P_b] int64, 1 = token, 0 = padding (left, or a pruned slot)
     next_position: np.ndarray  # [B] int64
     finished: np.ndarray  # [B] bool
+    length: int  # tokens of the unpruned sequence so far (padding included): what max_seq_len bounds
+    stages: list[Stage] = field(default_factory=list)  # one per prune point
     step_times: list[float] = field(default_factory=list)  # wall time of each decode step
-    graph_times: list[float] = field(default_factory=list)  # time inside the LLM graph call of each step
+    graph_times: list[float] = field(default_factory=list)  # time inside the LLM graphs of each call
+
+    @property
+    def cache(self) -> KVCache:
+        """The KV cache of an export with one LLM graph."""
+        if len(self.caches) != 1:
+            raise InputError("this export's LLM runs as several blocks, each with its own KV cache: use .caches")
+        return self.caches[0]
 
 
 class Generator:
-    """Runs the LLM graph over input embeddings; token ids are embedded with the exported table."""
+    """Runs the LLM graph(s) over input embeddings; token ids are embedded with the exported table.
 
-    def __init__(self, runner: Runner, llm: LLMSpec, embeddings: np.ndarray):
-        self.runner = runner
+    blocks: the LLM graphs in order (one, or the blocks of an in-LLM pruned export). At a prune point, during
+    prefill only, the block's prune_logits over the item's window go through the modality's select graph,
+    and the next block gets the text tokens plus the kept ones, in sequence order with their original
+    position ids; filler slots and left padding are masked (runtime/README: FEATHER)."""
+
+    def __init__(self, blocks: list[Block], llm: LLMSpec, embeddings: np.ndarray):
+        self.blocks = blocks
+        self.runner = blocks[0].runner
         self.llm = llm
         self.embeddings = embeddings  # [V, D]
         self.eos = np.array(llm.eos_token_ids, dtype=np.int64)
 
-    def _forward(self, state: DecodeState, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _block(self, state: DecodeState, index: int, hidden, position_ids: np.ndarray) -> dict:
+        block, cache = self.blocks[index], state.caches[index]
         feeds = {
-            names.INPUTS_EMBEDS: inputs_embeds,
-            names.ATTENTION_MASK: state.attention_mask,
+            names.INPUTS_EMBEDS: hidden,
+            names.ATTENTION_MASK: state.masks[index],
             names.POSITION_IDS: position_ids,
-            **state.cache.values,
+            **cache.values,
         }
-        start = time.perf_counter()
-        outputs = self.runner.infer_bound(feeds)
-        state.graph_times.append(time.perf_counter() - start)
-        state.cache.update(outputs, inputs_embeds.shape[1])
-        return outputs[names.LOGITS].numpy()  # [B, V]
+        outputs = block.runner.infer_bound(feeds)
+        cache.update(outputs, position_ids.shape[1])
+        return outputs
 
-    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-                prefix: Prefix | None = None) -> tuple[DecodeState, np.ndarray]:
+    def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, prefix: Prefix | None = None,
+                position_ids: np.ndarray | None = None, window: np.ndarray | None = None,
+                modality: str | None = None) -> tuple[DecodeState, np.ndarray]:
         """inputs_embeds [B, S, D] (left-padded), attention_mask [B, S] -> state, next-token logits [B, V].
 
         prefix: the KV cache of tokens that come before every row (`compute_prefix`), fed as the past; the
-        rows are then the rest of the sequence, at positions P.. (padding sits between prefix and row)."""
+        rows are then the rest of the sequence, at positions P.. (padding sits between prefix and row).
+        position_ids [B, S]: default consecutive from each row's first token (HF's rule). window [B, n]:
+        sequence index of each of the item's visual tokens in layout order (needed when the LLM prunes);
+        modality: whose select graphs rank them."""
         batch = inputs_embeds.shape[0]
-        cache = KVCache(self.llm, batch, inputs_embeds.dtype)
+        caches = [KVCache(self.llm, batch, inputs_embeds.dtype, block.layers) for block in self.blocks]
         if prefix is not None:
+            if len(self.blocks) != 1:
+                raise InputError("a cached prompt prefix needs an export with one LLM graph (not FEATHER / FastV)")
             attention_mask = np.concatenate([np.ones((batch, prefix.length), np.int64), attention_mask], axis=1)
-            cache.values = {name: np.repeat(value, batch, axis=0) for name, value in prefix.values.items()}
-            cache.length = prefix.length
-        position_ids = prefill_position_ids(attention_mask)[:, attention_mask.shape[1] - inputs_embeds.shape[1]:]
+            caches[0].values = {name: np.repeat(value, batch, axis=0) for name, value in prefix.values.items()}
+            caches[0].length = prefix.length
+        if position_ids is None:
+            position_ids = prefill_position_ids(attention_mask)[:, attention_mask.shape[1] - inputs_embeds.shape[1]:]
+        mask = attention_mask.astype(np.int64)
         state = DecodeState(
-            cache=cache,
-            attention_mask=attention_mask.astype(np.int64),
+            caches=caches,
+            masks=[mask] * len(self.blocks),
             next_position=position_ids[:, -1] + 1,
             finished=np.zeros(batch, dtype=bool),
+            length=attention_mask.shape[1],
         )
-        return state, self._forward(state, inputs_embeds, position_ids)
+        start = time.perf_counter()
+        hidden = inputs_embeds
+        if len(self.blocks) > 1:
+            if window is None or modality is None:
+                raise InputError("this export prunes inside the LLM: prefill needs the visual tokens' window and modality")
+            window_ids = np.broadcast_to(np.arange(window.shape[1]), window.shape)  # [B, n] window index per slot
+            window_valid = np.ones(window.shape, np.int64)
+        for index, block in enumerate(self.blocks):
+            state.masks[index] = mask
+            outputs = self._block(state, index, hidden, position_ids)
+            if index == len(self.blocks) - 1:
+                break
+            if modality not in block.select:
+                raise InputError(f"this export has no selection for modality {modality!r}")
+            prune = to_numpy(outputs[names.PRUNE_LOGITS])  # [B, H, S]
+            chosen = block.select[modality].infer({
+                names.WINDOW_LOGITS: np.ascontiguousarray(np.take_along_axis(prune, window[:, None, :], axis=2)),
+                names.WINDOW_VALID: window_valid,
+            })
+            slots, valid = chosen[names.KEEP_SLOTS], chosen[names.KEEP_VALID]  # [B, slots] each
+            window_ids = np.take_along_axis(window_ids, slots, axis=1)
+            state.stages.append(Stage(window_ids, valid.astype(bool)))
+            hidden, mask, position_ids, window = gather_kept(
+                to_numpy(outputs[names.HIDDEN_STATES]), mask, position_ids, window, slots, valid)
+            window_valid = valid.astype(np.int64)
+        state.graph_times.append(time.perf_counter() - start)
+        return state, outputs[names.LOGITS].numpy()
 
     def compute_prefix(self, inputs_embeds: np.ndarray) -> Prefix:
         """The KV cache of a fixed leading text, inputs_embeds [1, P, D], read back to host arrays once: every
@@ -140,13 +206,20 @@ class Generator:
         return Prefix({name: to_numpy(value) for name, value in state.cache.values.items()}, inputs_embeds.shape[1])
 
     def decode_one_token(self, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
-        """tokens [B] -> next-token logits [B, V]."""
+        """tokens [B] -> next-token logits [B, V]. Every block appends the token to its own cache."""
         batch = tokens.shape[0]
-        state.attention_mask = np.concatenate([state.attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-        inputs_embeds = self.embeddings[tokens][:, None, :]  # [B, 1, D]
+        ones = np.ones((batch, 1), np.int64)
+        state.masks = [np.concatenate([mask, ones], axis=1) for mask in state.masks]
+        hidden = self.embeddings[tokens][:, None, :]  # [B, 1, D]
         position_ids = state.next_position[:, None]  # [B, 1]
         state.next_position = state.next_position + 1
-        return self._forward(state, inputs_embeds, position_ids)
+        state.length += 1
+        start = time.perf_counter()
+        for index in range(len(self.blocks)):
+            outputs = self._block(state, index, hidden, position_ids)
+            hidden = outputs.get(names.HIDDEN_STATES)  # stays in the backend's memory
+        state.graph_times.append(time.perf_counter() - start)
+        return outputs[names.LOGITS].numpy()
 
     def decode_n_tokens(self, state: DecodeState, logits: np.ndarray, max_new_tokens: int,
                         sampling: SamplingOptions) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -158,11 +231,34 @@ class Generator:
             tokens = np.where(state.finished, self.llm.pad_token_id, tokens)
             yield tokens, logits
             state.finished |= np.isin(tokens, self.eos)
-            if state.finished.all() or step == max_new_tokens - 1 or state.cache.length >= self.llm.max_seq_len:
+            if state.finished.all() or step == max_new_tokens - 1 or state.length >= self.llm.max_seq_len:
                 return
             start = time.perf_counter()
             logits = self.decode_one_token(state, tokens)
             state.step_times.append(time.perf_counter() - start)
+
+
+def gather_kept(hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray, window: np.ndarray,
+                slots: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The next block's sequence after a prune point, per row: every position outside the window (text and
+    left padding) and the chosen window slots, real tokens in their sequence order after the padding.
+
+    hidden [B, S, D], mask / positions [B, S], window [B, n] (sequence index of each window slot), slots /
+    valid [B, k] (the select graph's output) -> hidden [B, S - n + k, D], mask, positions (original ones;
+    0 on padding), window [B, k] (where each chosen slot now sits). A filler slot (valid 0) becomes padding.
+    """
+    batch, length, _ = hidden.shape
+    rows = np.arange(batch)[:, None]
+    in_window = np.zeros((batch, length), bool)
+    in_window[rows, window] = True
+    rest = np.argsort(in_window, axis=1, kind="stable")[:, :length - window.shape[1]]  # [B, S - n] ascending
+    index = np.concatenate([rest, np.take_along_axis(window, slots, axis=1)], axis=1)  # [B, S']
+    real = np.concatenate([np.take_along_axis(mask, rest, axis=1) > 0, valid > 0], axis=1)  # [B, S']
+    order = np.argsort(np.where(real, index, -1), axis=1, kind="stable")  # padding first, then ascending
+    index, real = np.take_along_axis(index, order, axis=1), np.take_along_axis(real, order, axis=1)
+    new_window = np.argsort(order, axis=1, kind="stable")[:, rest.shape[1]:]  # [B, k]
+    return (np.ascontiguousarray(hidden[rows, index]), real.astype(np.int64),
+            np.where(real, positions[rows, index], 0).astype(np.int64), new_window)
 
 
 def choose(logits: np.ndarray, sampling: SamplingOptions, rng: np.random.Generator) -> np.ndarray:

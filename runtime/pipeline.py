@@ -18,10 +18,12 @@ import numpy as np
 
 from contract import names
 from contract.errors import InputError, ManifestError
+from contract.layouts import token_sources
 from contract.manifest import Manifest, check_files, verify_files
+from contract.positions import prefill_position_ids
 from runtime.backends.base import HostSplicer, Runner, Splicer, to_numpy
 from runtime.files import EmbeddingTable, read_tokenizer
-from runtime.generation import Generator, SamplingOptions
+from runtime.generation import Block, Generator, SamplingOptions
 from runtime.layout import make_layout
 from runtime.prompt import check_prompt_text, refuse_control_tokens, render_chat_template, user_message
 
@@ -81,6 +83,14 @@ class Result:
     finish_reason: str  # "eos", "length" (max_new_tokens), "max_seq_len", "deadline" or "stopped"
     timings: Timings  # shared by every result of one batch
     logits: list[np.ndarray] | None = None  # per generated token [V], when asked for
+    # In-LLM pruning (FEATHER, FastV): per prune point, the kept tokens as indices into the item's unpruned
+    # tokens in layout order (contract.layouts.token_sources; LLaVA-1.5: patch indices), ascending.
+    kept_stages: list[np.ndarray] = field(default_factory=list)
+
+
+def _count(visual) -> int:
+    """Visual tokens of one item ([T, D] on the host, or a device view [1, K, D])."""
+    return int(np.prod(visual.shape[:-1]))
 
 
 class Pipeline:
@@ -105,8 +115,20 @@ class Pipeline:
         if top >= manifest.llm.vocab_size:
             raise ManifestError(f"{directory / manifest.prompt.tokenizer} has token id {top}, beyond the "
                                 f"{manifest.llm.vocab_size}-row embedding table: re-export")
-        self.generator = Generator(runners[names.LLM], manifest.llm, embeddings)
+        pruning = manifest.llm_pruning
+        blocks = [Block(runners[key], layers, {m: runners[keys[i]] for m, keys in pruning.select.items()}
+                        if pruning and i < len(pruning.layers) else {})
+                  for i, (key, layers) in enumerate(manifest.blocks())]
+        self.generator = Generator(blocks, manifest.llm, embeddings)
         self.layouts = {name: make_layout(m, manifest, directory) for name, m in manifest.modalities.items()}
+        # Per modality, the window of an unpruned item: (sub-image, patch) of each token in layout order
+        # (needed for original positions and in-LLM pruning; None where the layout has no fixed window).
+        self.sources = {}
+        for name, m in manifest.modalities.items():
+            try:
+                self.sources[name] = {s: w for w, s in enumerate(token_sources(m.layout, manifest.method.grid))}
+            except ValueError:
+                self.sources[name] = None
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
@@ -123,7 +145,9 @@ class Pipeline:
         manifest = Manifest.read(directory)
         if verify:  # every file's sha256 against the manifest (reads every byte of the export)
             verify_files(directory, manifest)
-        needed = {names.LLM} | {g for m in manifest.modalities.values() for g in m.graphs}
+        needed = {key for key, _ in manifest.blocks()} | {g for m in manifest.modalities.values() for g in m.graphs}
+        if manifest.llm_pruning is not None:
+            needed |= {key for keys in manifest.llm_pruning.select.values() for key in keys}
         for name in sorted(needed):
             if name not in manifest.graphs:
                 raise ManifestError(f"manifest in {directory} has no {name!r} graph")
@@ -211,16 +235,9 @@ class Pipeline:
         tokens = self.splicer.tokens(layout, projected[names.IMAGE_EMBEDS], keep, items)
         return tokens, [keep[part] for part, _ in items]
 
-    def splice(self, prompt_ids: list[list[int]], visual: list, modality: str = "image") -> tuple[object, np.ndarray]:
-        """Text embeddings with each prompt's placeholder replaced by its item's tokens (from `encode`),
-        left-padded to one length. -> inputs_embeds [B, S, D] (numpy, or the LLM's device buffer), attention_mask [B, S].
-
-            row:  pad ... pad | text before the placeholder | visual tokens (T) | text after it
-            mask:  0  ...  0  |  1 ...                                                    ... 1
-        """
+    def _placements(self, prompt_ids: list[list[int]], counts: list[int], modality: str) -> tuple[int, list[tuple[int, int]]]:
+        """Length of the spliced rows, and per row (first position of the row, of its item's tokens)."""
         placeholder = self.modality(modality).placeholder_id
-        table = self.generator.embeddings
-        counts = [int(np.prod(v.shape[:-1])) for v in visual]  # visual tokens per prompt ([T, D] or [1, K, D])
         lengths = [len(ids) - 1 + n for ids, n in zip(prompt_ids, counts)]
         length = max(lengths)
         if length >= self.manifest.llm.max_seq_len:
@@ -228,17 +245,68 @@ class Pipeline:
                 f"the prompt takes {length} tokens (with {max(counts)} visual tokens); this export "
                 f"handles at most {self.manifest.llm.max_seq_len - 1} before the answer: shorten the prompt"
             )
+        starts = [length - n for n in lengths]
+        return length, [(start, start + ids.index(placeholder)) for start, ids in zip(starts, prompt_ids)]
+
+    def splice(self, prompt_ids: list[list[int]], visual: list, modality: str = "image") -> tuple[object, np.ndarray]:
+        """Text embeddings with each prompt's placeholder replaced by its item's tokens (from `encode`),
+        left-padded to one length. -> inputs_embeds [B, S, D] (numpy, or the LLM's device buffer), attention_mask [B, S].
+
+            row:  pad ... pad | text before the placeholder | visual tokens (T) | text after it
+            mask:  0  ...  0  |  1 ...                                                    ... 1
+        """
+        table = self.generator.embeddings
+        counts = [_count(v) for v in visual]
+        length, placed = self._placements(prompt_ids, counts, modality)
         text = np.empty((len(prompt_ids), length, table.shape[1]), np.float32)  # [B, S, D]
         text[:] = table[self.manifest.llm.pad_token_id]
         mask = np.zeros((len(prompt_ids), length), np.int64)
         gaps = []
-        for row, (ids, n, tokens) in enumerate(zip(prompt_ids, counts, visual)):
-            start, at = length - lengths[row], ids.index(placeholder)
-            text[row, start:start + at] = table[ids[:at]]
-            text[row, start + at + n:] = table[ids[at + 1:]]
+        for row, (ids, n, tokens, (start, at)) in enumerate(zip(prompt_ids, counts, visual, placed)):
+            before = at - start
+            text[row, start:at] = table[ids[:before]]
+            text[row, at + n:] = table[ids[before + 1:]]
             mask[row, start:] = 1
-            gaps.append((row, start + at, tokens))
+            gaps.append((row, at, tokens))
         return self.splicer.fill(text, gaps), mask
+
+    def window(self, keep: np.ndarray, modality: str) -> np.ndarray:
+        """Kept indices [S, K] of one item -> the window index (its place among the item's unpruned tokens,
+        contract.layouts.token_sources) of each of its visual tokens, in the order they reach the LLM [T]."""
+        sources = self.sources[modality]
+        if sources is None:
+            raise ManifestError(f"layout {self.modality(modality).layout.name} has no fixed token window")
+        layout = self.layouts[modality]
+        markers = np.stack([np.broadcast_to(np.arange(len(keep))[:, None], keep.shape), keep], axis=-1)  # [S, K, 2]
+        order = layout.assemble(markers, keep, (0, 0))  # [T, 2]: (sub-image, patch) in LLM order
+        return np.array([sources[(int(s), int(p))] for s, p in order], np.int64)
+
+    def prefill(self, prompt_ids: list[list[int]], visual: list, keep: list[np.ndarray], modality: str = "image",
+                prefix=None):
+        """Splice, then the LLM prefill with the export's positions and pruning. prompt_ids: per row the ids
+        after the prefix (if any); keep: per row the item's kept indices [S, K] (from `encode`).
+        -> (decode state, logits [B, V], attention mask [B, S] of the unpruned sequence)."""
+        inputs_embeds, mask = self.splice(prompt_ids, visual, modality)
+        counts = [_count(v) for v in visual]
+        _, placed = self._placements(prompt_ids, counts, modality)
+        position_ids = window = None
+        original = self.manifest.method.positions == "original"
+        if original or self.manifest.llm_pruning is not None:
+            windows = [self.window(k, modality) for k in keep]
+            full = len(self.sources[modality])
+            if original:
+                offset = 0 if prefix is None else prefix.length
+                position_ids = prefill_position_ids(mask) + offset * mask
+                for row, ((_, at), w, n) in enumerate(zip(placed, windows, counts)):
+                    first = position_ids[row, at]
+                    position_ids[row, at:at + n] = first + w  # each kept token at its unpruned position
+                    position_ids[row, at + n:] += full - n  # the text after the item continues from there
+            if self.manifest.llm_pruning is not None:
+                if any(not np.array_equal(w, np.arange(full)) for w in windows):
+                    raise ManifestError("in-LLM pruning needs every visual token in layout order: re-export")
+                window = np.stack([at + np.arange(n) for (_, at), n in zip(placed, counts)])  # [B, n]
+        state, logits = self.generator.prefill(inputs_embeds, mask, prefix, position_ids, window, modality)
+        return state, logits, mask
 
     # --- generation ----------------------------------------------------------------------------------
     def generate(self, image, prompt, max_new_tokens: int = 64, *, do_sample: bool = False,
@@ -309,13 +377,12 @@ class Pipeline:
         ids = [self.prompt_ids(p, modality) for p in prompts]
         timings.preprocess += time.perf_counter() - start
         visual, keep_indices = self.encode(images, modality, timings)
-        inputs_embeds, mask = self.splice(ids, visual, modality)
         start = time.perf_counter()
-        state, logits = self.generator.prefill(inputs_embeds, mask)
+        state, logits, mask = self.prefill(ids, visual, keep_indices, modality)
         timings.prefill = time.perf_counter() - start
 
         batch = len(prompts)
-        budget = min(max_new_tokens, self.manifest.llm.max_seq_len - inputs_embeds.shape[1])
+        budget = min(max_new_tokens, self.manifest.llm.max_seq_len - mask.shape[1])
         tokens: list[list[int]] = [[] for _ in range(batch)]
         kept_logits: list[list[np.ndarray]] = [[] for _ in range(batch)]
         texts = [""] * batch
@@ -362,4 +429,5 @@ class Pipeline:
             kept = keep_indices[row]
             yield Result(text=text, token_ids=tokens[row], kept_indices=kept[0] if len(kept) == 1 else kept,
                          prompt_tokens=int(mask[row].sum()), finish_reason=reason, timings=timings,
-                         logits=kept_logits[row] if return_logits else None)
+                         logits=kept_logits[row] if return_logits else None,
+                         kept_stages=[stage.row(row) for stage in state.stages])

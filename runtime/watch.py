@@ -141,7 +141,7 @@ class Watch:
         self.prefix = None
         # The prefix is fed as past with several new tokens: TensorRT's LLM engine has profiles for prefill
         # (no past) and decode (one token) only, so there the prefix is simply recomputed with every frame.
-        if prefix_cache and at > 0 and pipe.backend != "tensorrt":
+        if prefix_cache and at > 0 and pipe.backend != "tensorrt" and len(pipe.generator.blocks) == 1:
             self.prefix = pipe.generator.compute_prefix(pipe.generator.embeddings[self.ids[:at]][None])  # [1, P, D]
         self._seen = self._answered = self._unreadable = 0
         self.source: Source = open_source(source, realtime, reconnects)
@@ -202,7 +202,7 @@ class Watch:
         self._last_take = taken = time.perf_counter()
         timings = Timings()
         try:
-            visual, _ = self.pipe.encode([frame.image], "image", timings)
+            visual, keep = self.pipe.encode([frame.image], "image", timings)
         except InputError as exc:
             self._unreadable += 1
             self._bad_in_a_row += 1
@@ -210,17 +210,18 @@ class Watch:
                 raise InputError(f"{MAX_BAD_IN_A_ROW} frames in a row could not be loaded; the last: {exc}") from None
             return False
         self._bad_in_a_row = 0
-        return frame, visual[0], timings, taken
+        return frame, (visual[0], keep[0]), timings, taken
 
     def _answer(self, frame: _Frame, visual, timings: Timings, taken: float) -> Answer:
-        pipe, generator = self.pipe, self.pipe.generator
+        pipe = self.pipe
         at = 0 if self.prefix is None else self.prefix.length
-        embeds, mask = pipe.splice([self.ids[at:]], [visual])  # [1, S - P, D]
-        if at + embeds.shape[1] >= pipe.manifest.llm.max_seq_len:
-            raise InputError(f"the prompt takes {at + embeds.shape[1]} tokens; this export handles at most "
+        visual, keep = visual
+        length = len(self.ids) - 1 + int(np.prod(visual.shape[:-1]))  # the spliced prompt's tokens
+        if length >= pipe.manifest.llm.max_seq_len:
+            raise InputError(f"the prompt takes {length} tokens; this export handles at most "
                              f"{pipe.manifest.llm.max_seq_len - 1}: shorten the prompt")
         start = time.perf_counter()
-        state, logits = generator.prefill(embeds, mask, self.prefix)  # logits [1, V]
+        state, logits, mask = pipe.prefill([self.ids[at:]], [visual], [keep], "image", self.prefix)  # logits [1, V]
         timings.prefill = time.perf_counter() - start
         choice = probs = None
         if self.choice_ids is not None:
@@ -231,7 +232,7 @@ class Watch:
             probs = dict(zip(self.choices, (weights / weights.sum()).tolist()))
             text = choice
         else:
-            tokens, reason = self._decode(state, logits, at + embeds.shape[1], taken)
+            tokens, reason = self._decode(state, logits, length, taken)
             timings.decode_steps, timings.decode_graph = state.step_times, state.graph_times[1:]
             text = pipe.tokenizer.decode(tokens, skip_special_tokens=True)
         now = time.perf_counter()

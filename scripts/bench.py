@@ -3,6 +3,7 @@
 
     python scripts/bench.py                      # bench model, K = 576 144 58 32
     python scripts/bench.py --model tiny --keeps 576 32 --new-tokens 8 --repeats 2   # quick check
+    python scripts/bench.py --method feather     # FEATHER (and fastv) against unpruned, LLaVA-1.5 only
 
 Each configuration runs in its own subprocess so its peak memory (max RSS) is its own. Reports per-stage
 latency (median over repeats), time to first token, decode tokens/s, peak memory, the ratios, and checks:
@@ -10,6 +11,11 @@ latency (median over repeats), time to first token, decode tokens/s, peak memory
   - cost of the [CLS] score + top-k inside the vision graph (target < 3 % of the vision graph's time)
   - runtime overhead per decode step, time outside the graph call (target < 5 %)
   - prunevlm faster than the reference at every K
+
+With --method feather / fastv: the unpruned export and the in-LLM pruned one side by side, each against the
+test-side PyTorch reference of the method (tests/feather_reference.py, the HF model's layers run by hand) at
+the same settings; tokens kept per stage, prefill time and the LLM prefill FLOP ratio (target: speed-up
+>= 80 % of it), decode tokens/s (target: faster than unpruned), KV-cache bytes per block.
 """
 
 from __future__ import annotations
@@ -74,10 +80,57 @@ def worker_prunevlm(args) -> dict:
         "decode_tokens_per_s": med(lambda t: t.decode_tokens_per_s),
         "decode_overhead_fraction": med(lambda t: t.decode_overhead_fraction),
         "prompt_tokens": results[0].prompt_tokens,
+        "kept_stages": [len(k) for k in results[0].kept_stages],
         "peak_rss_mb": peak_rss_mb(),
     }
 
 
+def worker_hf_in_llm(args) -> dict:
+    """The PyTorch reference of FEATHER / FastV (tests/feather_reference.py) on the HF model, unpruned input
+    embeddings built by HF's processor and projector; prefill = one token, decode = the rest."""
+    import torch
+
+    from contract.manifest import Manifest
+    from export import checkpoints
+    from export.families import FAMILIES
+    from tests import feather_reference as ref
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    family = FAMILIES[args.family]
+    model, processor = family.load(checkpoints.for_family(family, args.model))
+    pruning = Manifest.read(args.export_dir).llm_pruning
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], add_generation_prompt=True
+    )
+    image = photo()
+    patches = family.method_spec(model.config, 1).num_patches
+    ids = processor(images=[image], text=[text], return_tensors="pt")["input_ids"]
+    positions = (ids == model.config.image_token_id).nonzero()[:, 1][None]  # [1, n]
+
+    def once(new_tokens: int) -> dict:
+        stages, embeds, mask = family.bench_reference(model, processor, text, image, patches)
+        kwargs = dict(prune_layers=pruning.layers, reduction=pruning.reduction)
+        start = time.perf_counter()
+        if pruning.method == "feather":
+            ref.feather(model, embeds, mask, positions, new_tokens, stride=pruning.stride, **kwargs)
+        else:
+            ref.fastv(model, embeds, mask, positions, new_tokens, **kwargs)
+        return {**stages, "generate": time.perf_counter() - start}
+
+    once(2)
+    firsts = [once(1) for _ in range(args.repeats)]
+    fulls = [once(args.new_tokens) for _ in range(args.repeats)]
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    prefill = med(firsts, "generate")
+    decode_s = med(fulls, "generate") - prefill
+    return {
+        "vision_s": med(firsts, "vision"),
+        "projector_s": med(firsts, "projector"),
+        "prefill_s": prefill,
+        "ttft_s": med(firsts, "pre") + med(firsts, "vision") + med(firsts, "projector") + prefill,
+        "decode_tokens_per_s": (args.new_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def worker_hf(args) -> dict:
@@ -206,12 +259,16 @@ def main() -> None:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--work", type=Path, default=ROOT / "bench-results", help="exports and results go here")
     p.add_argument("--skip-hf", action="store_true", help="only prunevlm (no reference columns)")
+    p.add_argument("--method", default="fastervlm", choices=("fastervlm", "feather", "fastv"),
+                   help="fastervlm (default: the --keeps sweep) or an in-LLM method at its default settings against "
+                   "the unpruned export (llava15 only)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--export-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--keep", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        fn = {"prunevlm": worker_prunevlm, "hf": worker_hf, "topk": worker_topk}[args.worker]
+        fn = {"prunevlm": worker_prunevlm, "hf": worker_hf, "topk": worker_topk,
+              "hf_in_llm": worker_hf_in_llm}[args.worker]
         print(json.dumps(fn(args)))
         return
 
@@ -219,6 +276,8 @@ def main() -> None:
     from export.spec import ExportOptions
 
     family = FAMILIES[args.family]
+    if args.method != "fastervlm":
+        return bench_in_llm(args, family)
     args.keeps = args.keeps or list(family.BENCH_KEEPS)
     # Both sides use the same layout: the family's BENCH_LAYOUT (for LLaVA-NeXT FasterVLM's, no unpadding and
     # no newline tokens, so K=576 is the unpruned baseline of 2880 visual tokens).
@@ -257,6 +316,88 @@ def main() -> None:
     result = args.work / f"bench-{args.family}-{args.model}.json"
     result.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {result}")
+
+
+def bench_in_llm(args, family) -> None:
+    """--method feather / fastv: unpruned vs the method, each beside its PyTorch reference."""
+    from contract.manifest import Manifest
+    from export.api import Progress, run
+    from export.spec import ExportOptions
+
+    if args.family != "llava15":
+        raise SystemExit("--method feather / fastv benchmarks llava15 (the reference builds LLaVA-1.5 inputs)")
+    progress = Progress()
+    configs = {"unpruned": dict(keep=576), args.method: dict(method=args.method)}
+    rows, manifests = {}, {}
+    for name, options in configs.items():
+        out = args.work / f"{args.family}-{args.model}-{name}"
+        if not (out / "manifest.json").exists():
+            with progress.step(f"exporting {args.family} {args.model} {name}"):
+                run(ExportOptions(args.family, model=args.model, out=out, force=True, opset=args.opset, **options),
+                    progress)
+        manifests[name] = Manifest.read(out)
+        with progress.step(f"prunevlm {name}"):
+            ours = run_worker("prunevlm", args, export_dir=out)
+        ref = None
+        if not args.skip_hf:
+            with progress.step(f"PyTorch reference {name}"):
+                ref = run_worker("hf", args, keep=576) if name == "unpruned" else run_worker("hf_in_llm", args, export_dir=out)
+        rows[name] = {"prunevlm": ours, "hf": ref}
+    from transformers import AutoConfig
+
+    from export import checkpoints
+
+    text = AutoConfig.from_pretrained(checkpoints.for_family(family, args.model)).get_text_config()
+    manifest = manifests[args.method]
+    llm = {**{k: getattr(manifest.llm, k) for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                                                      "num_layers", "vocab_size")},
+           "intermediate_size": text.intermediate_size}
+    prompt = rows["unpruned"]["prunevlm"]["prompt_tokens"]
+    image = 576
+    kept = rows[args.method]["prunevlm"]["kept_stages"]
+    bounds = manifest.llm_pruning.bounds(llm["num_layers"])
+    blocks = [(b - a, prompt - image + (kept[i - 1] if i else image)) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    flops = prefill_flops_blocks(llm, blocks)
+    flop_ratio = prefill_flops(llm, prompt) / flops
+    lines = [f"machine: {cpu_name()}, {os.cpu_count()} cores, python {platform.python_version()}; {args.family} model "
+             f"{args.model!r}; {args.new_tokens} new tokens; median of {args.repeats}", "",
+             f"{'config':<9} {'impl':<9} {'kept per stage':>16} {'prefill ms':>11} {'TTFT ms':>9} {'decode tok/s':>13} "
+             f"{'peak MB':>8}"]
+    for name in configs:
+        for impl in ("prunevlm", "hf"):
+            r = rows[name][impl]
+            if r is None:
+                continue
+            stages = "/".join(map(str, rows[name]["prunevlm"]["kept_stages"])) or "-"
+            lines.append(f"{name:<9} {impl:<9} {stages:>16} {r['prefill_s'] * 1e3:>11.1f} {r['ttft_s'] * 1e3:>9.1f} "
+                         f"{r['decode_tokens_per_s']:>13.1f} {r['peak_rss_mb']:>8.0f}")
+    kv = lambda layers, tokens: 2 * layers * llm["num_kv_heads"] * llm["head_dim"] * tokens * 4  # noqa: E731 (fp32)
+    lines += ["", "KV cache after prefill, per block (layers: tokens, MB): " + "; ".join(
+        f"{bounds[i]}..{bounds[i + 1] - 1}: {t}, {kv(n, t) / 2**20:.1f}" for i, (n, t) in enumerate(blocks)) +
+        f" = {sum(kv(n, t) for n, t in blocks) / 2**20:.1f} MB; unpruned {kv(llm['num_layers'], prompt) / 2**20:.1f} MB"]
+    speedup = rows["unpruned"]["prunevlm"]["prefill_s"] / rows[args.method]["prunevlm"]["prefill_s"]
+    decode = rows[args.method]["prunevlm"]["decode_tokens_per_s"] / rows["unpruned"]["prunevlm"]["decode_tokens_per_s"]
+    checks = {"prefill_speedup_vs_flops": speedup / flop_ratio, "decode_vs_unpruned": decode}
+    lines.append(f"LLM prefill FLOPs cut {1 - 1 / flop_ratio:.0%} (ratio {flop_ratio:.2f}x); prefill speed-up {speedup:.2f}x = "
+                 f"{speedup / flop_ratio:.0%} of the FLOP ratio (target >= 80%)")
+    lines.append(f"decode {decode:.2f}x the unpruned export's tokens/s (target > 1)")
+    if rows[args.method]["hf"] is not None:
+        for name in configs:
+            ours, ref = rows[name]["prunevlm"], rows[name]["hf"]
+            lines.append(f"{name}: prunevlm vs PyTorch reference: prefill {ref['prefill_s'] / ours['prefill_s']:.2f}x "
+                         f"faster, decode {ours['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x faster")
+    report = {"rows": rows, "flop_ratio": flop_ratio, "blocks": blocks, "checks": checks, "table": "\n".join(lines)}
+    print(report["table"])
+    args.work.mkdir(parents=True, exist_ok=True)
+    result = args.work / f"bench-{args.family}-{args.model}-{args.method}.json"
+    result.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {result}")
+
+
+def prefill_flops_blocks(llm: dict, blocks: list[tuple[int, int]]) -> float:
+    """prefill_flops for a decoder run as blocks of (layers, tokens each layer sees)."""
+    per_layer = {**llm, "num_layers": 1, "vocab_size": 0}
+    return sum(layers * prefill_flops(per_layer, tokens) for layers, tokens in blocks) + 2 * llm["hidden_size"] * llm["vocab_size"]
 
 
 def summarize(rows: dict, topk: dict, llm: dict, args) -> dict:

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -42,26 +40,12 @@ def embeds(model, processor, images, prompts):
     return inputs_embeds, inputs["attention_mask"], positions, inputs
 
 
-def deepened(model, layers: int):
-    """A copy of the tiny model whose LLM has `layers` decoder layers (copies of its own, slightly
-    perturbed with a fixed seed), so that two prune points fit; the session fixture stays untouched."""
-    deep = copy.deepcopy(model)
-    llm = deep.model.language_model
-    generator = torch.Generator().manual_seed(0)
-    while len(llm.layers) < layers:
-        layer = copy.deepcopy(llm.layers[len(llm.layers) % 2])
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=generator))
-        layer.self_attn.layer_idx = len(llm.layers)
-        llm.layers.append(layer)
-    deep.config.text_config.num_hidden_layers = layers
-    return deep
-
-
 @pytest.fixture(scope="module")
 def deep(tiny):
-    return deepened(tiny[0], 4)
+    """The tiny checkpoint: its 4-layer LLM fits FEATHER's two prune points (scaled to layers 1 and 2)."""
+    model = tiny[0]
+    assert model.config.text_config.num_hidden_layers == 4
+    return model
 
 
 @pytest.fixture(scope="module")

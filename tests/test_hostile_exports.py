@@ -133,7 +133,7 @@ CASES = {
     "num-layers-huge": (_llm(num_layers=100_000_000), ["llm.num_layers=100000000", "1..1024"], "load"),
     "num-layers-bool": (_llm(num_layers=True), ["llm.num_layers=True"], "load"),
     "num-layers-float": (_llm(num_layers=2.0), ["llm.num_layers=2.0"], "load"),
-    "num-layers-not-the-graphs": (_llm(num_layers=3), ["llm.onnx", "past_key_values.2.key"], "load"),
+    "num-layers-not-the-graphs": (_llm(num_layers=5), ["llm.onnx", "past_key_values.4.key"], "load"),
     "past-key-padded": (_llm(past_key="{:>900000000}"), ["llm.past_key", "'{}'"], "load"),
     "past-key-lookup": (_llm(past_key="{0.__class__}"), ["llm.past_key"], "load"),
     "kv-heads-not-dividing": (_llm(num_kv_heads=3), ["num_kv_heads=3"], "load"),

@@ -66,7 +66,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
         image_seq_length=576,
     )
     synthetic.save_random_model(LlavaForConditionalGeneration, config, tokenizer, directory, seed,
-                                lambda model: [model.model.vision_tower])
+                                lambda model: [model.model.vision_tower], llm=text)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
     )

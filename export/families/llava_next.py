@@ -67,7 +67,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
         projector_hidden_act="gelu",
     )
     synthetic.save_random_model(LlavaNextForConditionalGeneration, config, tokenizer, directory, seed,
-                                lambda model: [model.model.vision_tower])
+                                lambda model: [model.model.vision_tower], llm=text)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
         image_grid_pinpoints=config.image_grid_pinpoints,

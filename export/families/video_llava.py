@@ -102,7 +102,7 @@ def _build_synthetic(directory: Path, *, vision: dict, text: dict, seed: int) ->
         projector_hidden_act="gelu",
     )
     synthetic.save_random_model(VideoLlavaForConditionalGeneration, config, tokenizer, directory, seed,
-                                lambda model: [model.model.image_tower, model.model.video_tower])
+                                lambda model: [model.model.image_tower, model.model.video_tower], llm=text)
     tokenizer.save_pretrained(directory)
     image_processor = VideoLlavaImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     image_processor.save_pretrained(directory)
@@ -206,8 +206,10 @@ class ClsProjectorGraph(nn.Module):
 
 
 def _keeps_cls(method: MethodSpec) -> bool:
-    """Unpruned video follows HF ([CLS] per frame); pruned video follows FasterVLM ([CLS] dropped)."""
-    return method.keep == method.num_patches
+    """Unpruned video follows HF ([CLS] per frame); pruned video follows FasterVLM ([CLS] dropped), and so
+    does in-LLM pruning (FEATHER, FastV): its window is the frames' patches, 8 x 256, as the original
+    Video-LLaVA's 'patch' features."""
+    return method.name == "none"
 
 
 def graphs(model, method: MethodSpec) -> list[GraphExport]:

@@ -12,7 +12,6 @@ import onnxruntime as ort
 
 from contract.errors import ManifestError
 from contract.manifest import GraphSpec, Manifest, check_files
-from contract.names import LLM
 from runtime.backends.base import HostSplicer, activate_all, check_feeds, describe_array
 from runtime.files import external_data
 
@@ -117,7 +116,8 @@ def _describe(value) -> tuple[tuple[int, ...], str]:
 def load(directory: Path, manifest: Manifest, providers: list[str] | None = None, threads: int = 0
          ) -> tuple[dict[str, OrtRunner], HostSplicer]:
     """Active runners for every graph of the manifest, and the host splice step."""
-    # Only the LLM graph runs back to back (decode steps); the others run once per query.
-    runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name == LLM))
+    # Only the LLM graphs run back to back (decode steps); the others run once per query.
+    llm = {name for name, _ in manifest.blocks()}
+    runners = {name: OrtRunner(directory, spec, providers, threads, spin=(name in llm))
                for name, spec in manifest.graphs.items()}
     return activate_all(runners), HostSplicer()

@@ -15,7 +15,7 @@ from contract import compare
 from contract.manifest import LLMSpec
 from export import llm, onnx_io, synthetic
 from runtime.backends.onnxruntime import OrtRunner
-from runtime.generation import Generator, SamplingOptions
+from runtime.generation import Block, Generator, SamplingOptions
 
 NEW_TOKENS = 32
 LOGIT_ATOL = 2e-3  # real logits span about +-30; fp32 on both sides (observed ~1e-4)
@@ -44,7 +44,7 @@ def smollm2(tmp_path_factory):
     llm_spec = LLMSpec(**dims, max_seq_len=2048, embeddings="embed_tokens.npy", eos_token_ids=(tokenizer.eos_token_id,),
                        pad_token_id=tokenizer.pad_token_id)
     embeddings = model.model.embed_tokens.weight.detach().numpy()
-    return model, tokenizer, Generator(runner, llm_spec, embeddings)
+    return model, tokenizer, Generator([Block(runner, range(dims["num_layers"]))], llm_spec, embeddings)
 
 
 def test_grouped_query_attention_is_exercised(smollm2):
