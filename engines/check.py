@@ -5,9 +5,11 @@
     projector       vs its ONNX                      on ONNX Runtime's vision outputs
     llm prefill     vs its ONNX                      on the spliced prompt + image (the runtime's own splice)
     llm decode      vs its ONNX                      one token on ONNX Runtime's prefill cache
+    FEATHER / FastV: each block (llm.0, llm.1, ...) prefill and decode, and each select graph, on the feeds
+                    ONNX Runtime's own run gave it (the previous block's hidden states, its kept tokens)
     -> Comparator.run([TrtRunner, OnnxrtRunner], feeds) -> Comparator.compare_accuracy(compare_func=...)
        float outputs: SimpleCompareFunc (CompareFunc.simple) with per-output atol/rtol by the engine's precision;
-       index outputs (keep_indices): compared as sets, |A n B| / K >= MIN_TOPK_AGREEMENT
+       index outputs (keep_indices, keep_slots): compared as sets, |A n B| / K >= MIN_TOPK_AGREEMENT
     -> one table: max and mean |engine - onnxruntime| per output, top-k agreement, pass/fail (exit 1 on a fail)
 
 Each engine is compared with the ONNX file it was built from (its metadata says which: the Q/DQ graph for
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,17 +35,18 @@ from contract import engine_meta, names
 from contract.compare import MIN_TOPK_AGREEMENT, format_table, max_abs_diff, topk_agreement
 from contract.errors import InputError
 from contract.manifest import Manifest
-from contract.positions import prefill_position_ids
+from engines import trtexec
+from runtime.backends.base import to_numpy
 
 # (atol, rtol) per engine precision, Polygraphy's element-wise test: |a - b| <= atol or |a - b| / |b| <= rtol.
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (5e-2, 5e-2), "int8": (2e-1, 1e-1), "fp8": (2e-1, 1e-1)}
-SET_OUTPUTS = (names.KEEP_INDICES,)
+SET_OUTPUTS = (names.KEEP_INDICES, names.KEEP_SLOTS)  # keep_slots: members ascending, then filler
 PROMPT = "Describe the image in detail."
 
 
 @dataclass(frozen=True)
 class Row:
-    graph: str  # "vision", "llm.prefill", ...
+    graph: str  # the engine key of `feeds`: "vision", "llm.prefill", "llm.1.decode", "select.image.1", ...
     output: str
     max_abs: float  # over every compared input; for sets: 1 - worst agreement
     mean_abs: float
@@ -71,8 +74,10 @@ def read_images(directory: Path) -> dict[str, object]:
 
 
 def feeds(export_dir: Path, photos: dict[str, object], prompt: str = PROMPT) -> dict[str, list[dict]]:
-    """Inputs per engine ("llm.prefill", "llm.decode" for the LLM), from the photos preprocessed and spliced
-    exactly as the runtime does (an ONNX Runtime Pipeline), downstream graphs fed ONNX Runtime's outputs."""
+    """Inputs per engine (`key`: "vision", "llm.prefill", "llm.decode", "llm.0.prefill", "select.image.1", ...),
+    from the photos preprocessed and spliced exactly as the runtime does (an ONNX Runtime Pipeline),
+    downstream graphs fed ONNX Runtime's outputs. The LLM graphs' feeds are the ones the runtime's own
+    prefill and first decode step give them (each block and select graph recorded as it is called)."""
     from runtime.pipeline import Pipeline, Timings
     from runtime.preprocess import load_image, preprocess
 
@@ -89,22 +94,54 @@ def feeds(export_dir: Path, photos: dict[str, object], prompt: str = PROMPT) -> 
             out.setdefault(modality.vision, []).append({names.PIXEL_VALUES: pixels})
             out.setdefault(modality.projector, []).append({k: vision[k] for k in (names.IMAGE_FEATURES, names.KEEP_INDICES)})
     image = next((m for m, s in manifest.modalities.items() if s.content_type == "image"), None)
+    recorders: dict[str, _Recorder] = {}  # graph key -> what stands in for its runner in the Generator
+    blocks = []
+    for i, (block, (key, _)) in enumerate(zip(pipe.generator.blocks, manifest.blocks())):
+        recorders[key] = _Recorder(block.runner)
+        select = {}
+        for modality, runner in block.select.items():  # the select graphs of the prune point after block i
+            select[modality] = recorders[manifest.llm_pruning.select[modality][i]] = _Recorder(runner)
+        blocks.append(replace(block, runner=recorders[key], select=select))
+    pipe.generator.blocks = blocks
     for photo in photos.values() if image else ():
         ids = [pipe.prompt_ids(prompt, image)]
-        visual, _ = pipe.encode([photo], image, Timings())
-        embeds, mask = pipe.splice(ids, visual, image)
-        state, logits = pipe.generator.prefill(embeds, mask)
-        positions = prefill_position_ids(mask)
-        empty = {k: np.zeros_like(v.numpy()[:, :, :0]) for k, v in state.cache.values.items()}
-        out.setdefault("llm.prefill", []).append(
-            {names.INPUTS_EMBEDS: embeds, names.ATTENTION_MASK: mask, names.POSITION_IDS: positions, **empty})
-        token = logits.argmax(axis=-1)
-        out.setdefault("llm.decode", []).append({
-            names.INPUTS_EMBEDS: pipe.generator.embeddings[token][:, None, :].astype(np.float32),
-            names.ATTENTION_MASK: np.concatenate([mask, np.ones((len(token), 1), np.int64)], axis=1),
-            names.POSITION_IDS: state.next_position[:, None],
-            **{k: v.numpy() for k, v in state.cache.values.items()}})
+        visual, keep = pipe.encode([photo], image, Timings())
+        state, logits, _ = pipe.prefill(ids, visual, keep, image)
+        _collect(recorders, manifest, "prefill", out)
+        pipe.generator.decode_one_token(state, logits.argmax(axis=-1))
+        _collect(recorders, manifest, "decode", out)
     return out
+
+
+class _Recorder:
+    """Stands in for one runner of the Generator: keeps a host copy of every feed, then runs the runner."""
+
+    def __init__(self, runner):
+        self.runner, self.spec, self.calls = runner, runner.spec, []
+
+    def infer(self, feeds: dict) -> dict:
+        self.calls.append({k: np.array(to_numpy(v)) for k, v in feeds.items()})
+        return self.runner.infer(feeds)
+
+    def infer_bound(self, feeds: dict) -> dict:
+        self.calls.append({k: np.array(to_numpy(v)) for k, v in feeds.items()})
+        return self.runner.infer_bound(feeds)
+
+
+def _collect(recorders: dict[str, _Recorder], manifest: Manifest, phase: str, out: dict[str, list[dict]]) -> None:
+    """Move the recorded feeds into `out` under each engine's key: GRAPH.PHASE for a KV-cache graph (one
+    call per phase), GRAPH for a select graph (it runs at prefill only)."""
+    for graph, recorder in recorders.items():
+        if recorder.calls:
+            key = f"{graph}.{phase}" if trtexec.has_phases(manifest.graphs[graph]) else graph
+            out.setdefault(key, []).extend(recorder.calls)
+            recorder.calls = []
+
+
+def graph_of(key: str) -> tuple[str, str | None]:
+    """An engine key of `feeds` -> (graph key, profile name or None): "llm.0.decode" -> ("llm.0", "decode")."""
+    graph, _, phase = key.rpartition(".")
+    return (graph, phase) if phase in trtexec.PHASES else (key, None)
 
 
 class SetAwareCompare:
@@ -172,7 +209,7 @@ def trt_runners(export_dir: Path, manifest: Manifest) -> Callable[[str], tuple[l
     engines = {}
 
     def make(key: str):
-        graph, _, phase = key.partition(".")
+        graph, phase = graph_of(key)
         meta = engine_meta.check_engine(export_dir, graph, trt.__version__, device.compute_capability)
         if graph not in engines:  # one deserialized engine per graph, shared by its profiles' runners
             engines[graph] = EngineFromPath(str(engine_meta.engine_path(export_dir, graph)))()

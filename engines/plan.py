@@ -7,13 +7,16 @@ as the trtexec commands: total_sequence = past_sequence + sequence at min, opt a
 
     vision, projector  one profile: batch 1 .. max_batch x sub-images per item (LLaVA-NeXT's anyres: 5,
                        Video-LLaVA's frames: 8, LLaVA-1.5: 1)
-    llm                ONE engine with TWO profiles, 0 = prefill (sequence 1..max_seq_len, empty past) and
-                       1 = decode (one token, past 0..max_seq_len-1). Not two engines: an engine holds one
-                       copy of the weights whatever its number of profiles, and two engines would hold two
-                       (2 x 13.5 GB for LLaVA-1.5-7B in fp16: more than a 32 GB Jetson Orin has); each profile
-                       is still tuned at its own opt shapes, and the KV buffers are shared by both phases.
-                       (scripts/trtexec_profile.py builds one engine per phase: there the point is a separate
-                       per-layer table for each phase.)
+    select.*           (FEATHER / FastV) one profile: batch 1 .. max_batch, every other dimension static
+    llm, llm.0, ...    each LLM graph (the whole decoder, or each decoder block of FEATHER / FastV: the graphs
+                       of Manifest.blocks(), those with a KV cache) is ONE engine with TWO profiles, 0 = prefill
+                       (sequence 1..max_seq_len, empty past) and 1 = decode (one token, past
+                       0..max_seq_len-1). Not two engines: an engine holds one copy of the weights whatever
+                       its number of profiles, and two engines would hold two (2 x 13.5 GB for LLaVA-1.5-7B
+                       in fp16: more than a 32 GB Jetson Orin has); each profile is still tuned at its own opt
+                       shapes, and the KV buffers are shared by both phases. (scripts/trtexec_profile.py
+                       builds one engine per phase: there the point is a separate per-layer table for each
+                       phase.)
 
 Precision, the way each TensorRT version wants it:
 
@@ -121,6 +124,10 @@ def graph_sizes(manifest: Manifest, options: BuildOptions) -> dict[str, trtexec.
         raise BuildError(f"--max-seq-len {max_seq_len} is more than this export handles ({longest}); "
                          "re-export with a larger --max-seq-len")
     per_graph = manifest.sub_images()
+    # The prompt's unpruned visual tokens. Blocks after an in-LLM prune point see fewer (FEATHER on
+    # LLaVA-1.5: 576, then at most 236, then at most 21) and keep these opt/max sequence sizes all the same:
+    # the max must stay max_seq_len (pruning shortens the prompt, not the answer), and a longer opt costs
+    # tuning at a less typical shape, never correctness.
     visual = max(manifest.method.keep * m.layout.sub_images for m in manifest.modalities.values())
     seq_len = min(visual + TEXT_TOKENS, max_seq_len - 1)
     return {name: trtexec.Sizes(batch=per_graph.get(name, 1), max_batch=options.max_batch * per_graph.get(name, 1),

@@ -137,7 +137,7 @@ def precision_flags(precision: str, major: int) -> list[str]:
 class Command:
     """One trtexec invocation and where its per-layer profile will be written."""
 
-    name: str  # "vision", "llm.prefill", ...
+    name: str  # "vision", "llm.prefill", "llm.1.decode" (a FEATHER / FastV block), "select.image.1", ...
     argv: tuple[str, ...]
     profile_json: Path
 

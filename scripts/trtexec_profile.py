@@ -37,11 +37,13 @@ def parser() -> ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
 
     c = sub.add_parser("commands", parents=[common], help="print (and run, when trtexec is on PATH) the commands",
-                       description="One trtexec command per graph (two for the LLM: prefill and decode profiles), "
+                       description="One trtexec command per graph (two per LLM graph, `llm` or each FEATHER / "
+                                   "FastV block llm.0, llm.1, ...: prefill and decode profiles), "
                                    "with --minShapes/--optShapes/--maxShapes from the manifest's named axes, "
                                    "--shapes for the profiled run, and a per-layer profile export.")
     c.add_argument("export_dir", type=Path, metavar="EXPORT_DIR")
-    c.add_argument("--graph", action="append", metavar="NAME", help="only this graph (repeatable; default: all)")
+    c.add_argument("--graph", action="append", metavar="NAME",
+                   help="only this graph: vision, llm, llm.0, select.image.1, ... (repeatable; default: all)")
     c.add_argument("--phase", choices=(*trtexec.PHASES, "both"), default="both",
                    help="KV-cache graphs: profile prefill (whole prompt, empty cache), decode (one token on a "
                         "cache of --seq-len tokens) or both (default)")

@@ -6,20 +6,25 @@
                     the largest shapes the engine's optimization profiles allow, and reused; outputs stay on
                     the device (DeviceTensor).
     DeviceSplicer   the splice step: with the `single` layout the image embeddings never leave the device and
-                    are copied into the LLM engine's input buffer; other layouts order tokens on the host.
+                    are copied into the (first) LLM engine's input buffer; other layouts order tokens on the host.
     load            what Pipeline.load(dir, backend="trt") asks for: active runners and the DeviceSplicer.
 
 KV cache on the device: every output has two buffers, and an output fed back as an input (present.i of
 step t becomes past.i of step t+1) makes the next call write the other one, so present and past swap
 pointers each step and nothing is copied besides the graph's own concat (as with ONNX Runtime's I/O binding).
-The LLM engine has two profiles (prefill, decode; see engines/plan.py); each call runs on the first profile
-whose ranges contain its shapes.
+Each LLM engine (`llm`, or each decoder block llm.0, llm.1, ... of a FEATHER / FastV export) has two profiles
+(prefill, decode; see engines/plan.py); each call runs on the first profile whose ranges contain its shapes.
+Blocks are separate runners with their own KV buffers (runtime.generation: one KVCache per block). In decode a
+block's hidden_states output is fed to the next block as a DeviceTensor, bound by address (the next block runs
+before this one writes that buffer again); in prefill the next block gets the kept tokens gathered on the
+host after the select graph, uploaded into its own input buffer.
 
 CUDA graphs (`cuda_graphs=True`): a call is captured after it first runs, keyed by profile, shapes and
 addresses, and replayed when the same key comes again. Static graphs (vision, projector at a fixed batch)
 replay from the second query on. The exported LLM's KV cache grows by one token per step, so a decode
 step's shapes are new within a generation: decode graphs replay only across generations with the same
 prompt length (benchmarks, repeated queries); a fixed-capacity in-place cache graph would be needed for more.
+Each block captures its own graphs (keyed by its own shapes: a block after a prune point has a shorter cache).
 
 Written against the TensorRT Python API (10.x and 11.x) (README, "What is verified, and what is not"):
   Runtime.deserialize_cuda_engine (an IStreamReader / IStreamReaderV2 reading the file, not a 14 GB bytes copy)
@@ -327,8 +332,9 @@ class TrtRunner:
 
 class DeviceSplicer(HostSplicer):
     """The splice step on the device. With the `single` layout the projector's output never leaves the
-    device: the text embeddings are uploaded into the LLM engine's input buffer and each image's tokens are
-    copied device-to-device into their rows. Other layouts reorder tokens on the host (HostSplicer's path)."""
+    device: the text embeddings are uploaded into the first LLM engine's input buffer (`llm`, or block llm.0)
+    and each image's tokens are copied device-to-device into their rows. Other layouts reorder tokens on the
+    host (HostSplicer's path)."""
 
     def __init__(self, llm: TrtRunner):
         self.llm = llm
@@ -354,4 +360,5 @@ def load(directory: Path, manifest: Manifest, cuda_graphs: bool = False) -> tupl
     for name in manifest.graphs:  # every missing or stale engine is found before TensorRT is imported
         engine_meta.check_engine(directory, name)
     runners = activate_all({name: TrtRunner(directory, name, spec, cuda_graphs) for name, spec in manifest.graphs.items()})
-    return runners, DeviceSplicer(runners[names.LLM])
+    first, _ = manifest.blocks()[0]  # the LLM graph the spliced embeddings go to: `llm`, or llm.0
+    return runners, DeviceSplicer(runners[first])

@@ -64,6 +64,38 @@ def test_profiles_from_the_manifest(tiny_export):
         assert profile.axes[TOTAL][2] == longest
 
 
+def test_in_llm_pruned_export_plans_every_block_and_select_graph(export_dir, monkeypatch):
+    """FEATHER: each decoder block is a KV-cache engine with prefill and decode profiles, like `llm`; each
+    select graph has only a batch axis and one profile; every graph gets its own engine file, and the build
+    gets past its plan and lint to the point where it needs TensorRT."""
+    directory = export_dir("llava15", None, method="feather")
+    manifest = Manifest.read(directory)
+    plans = {p.graph: p for p in engine_plan.plan(manifest, BuildOptions(directory, max_batch=2), major=10)}
+    blocks = [key for key, _ in manifest.blocks()]
+    selects = [key for keys in manifest.llm_pruning.select.values() for key in keys]
+    assert blocks == ["llm.0", "llm.1", "llm.2"] and selects == ["select.image.1", "select.image.2"]
+    assert set(plans) == set(manifest.graphs) >= {*blocks, *selects}
+    longest = manifest.llm.max_seq_len
+    for key in blocks:
+        assert [p.name for p in plans[key].profiles] == ["prefill", "decode"], key
+        assert set(plans[key].profiles[0].shapes) == {t.name for t in manifest.graphs[key].inputs}
+        prefill, decode = (p.axes for p in plans[key].profiles)
+        assert prefill[SEQUENCE][2] == longest and prefill[PAST] == (0, 0, 0), key
+        assert decode[SEQUENCE] == (1, 1, 1) and decode[PAST][2] == longest - 1, key
+    for key in selects:
+        (profile,) = plans[key].profiles
+        spec = manifest.graphs[key]
+        assert profile.name == "default" and set(profile.axes) == {"batch"}, key
+        for t in spec.inputs:  # batch 1..max_batch, every other dimension the graph's static one
+            assert profile.shapes[t.name] == tuple((b, *t.shape[1:]) for b in (1, 1, 2)), key
+    engines = {engine_meta.engine_path(directory, key).name for key in manifest.graphs}
+    assert len(engines) == len(manifest.graphs) and "llm.1.engine" in engines and "select.image.2.engine" in engines
+    monkeypatch.setattr(engine_build.trtexec, "detect_version", lambda binary: None)
+    with pytest.raises(BuildError) as raised:
+        engine_build.build(BuildOptions(directory, trt_version="10"))
+    one_line(raised, "import tensorrt")
+
+
 def test_max_seq_len_and_sub_images(tiny_export):
     manifest = Manifest.read(tiny_export(KEEP))
     sizes = engine_plan.graph_sizes(manifest, BuildOptions(tiny_export(KEEP), max_batch=3, max_seq_len=300))

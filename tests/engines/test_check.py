@@ -27,7 +27,7 @@ def ort_pairs(candidate: Path, reference: Path, precision: str):
     graphs = Manifest.read(reference).graphs
 
     def runners(key: str):
-        file = graphs[key.split(".")[0]].file
+        file = graphs[check.graph_of(key)[0]].file
         return [OnnxrtRunner(SessionFromOnnx(str(candidate / file), providers=["cpu"]), name=f"candidate-{key}"),
                 OnnxrtRunner(SessionFromOnnx(str(reference / file), providers=["cpu"]), name=f"reference-{key}")], precision
 
@@ -64,7 +64,38 @@ def test_fp16_graphs_against_fp32_within_fp16_tolerances(tiny_export, tiny_expor
     assert top_k.agreement == 1.0, table
     logits = next(r for r in rows if r.graph == "llm.prefill" and r.output == "logits")
     assert 0 < logits.max_abs < 5e-2 and logits.mean_abs <= logits.max_abs, table
-    assert "check: " in table.splitlines()[-1] and "present.* (4)" in table
+    assert "check: " in table.splitlines()[-1] and "present.* (8)" in table  # 4 layers x (key, value)
+
+
+def test_in_llm_pruned_export_checks_every_block_and_select_graph(export_dir, two_photos):
+    """FEATHER: each block is checked at prefill and decode on the feeds the runtime's own run gives it (the
+    previous block's hidden states, pruned after a prune point), each select graph on its window."""
+    directory = export_dir("llava15", None, method="feather")
+    manifest = Manifest.read(directory)
+    blocks = [key for key, _ in manifest.blocks()]
+    feeds = check.feeds(directory, two_photos)
+    selects = {key: feeds[key] for keys in manifest.llm_pruning.select.values() for key in keys}
+    assert set(feeds) == {"vision", "projector", *selects, *(f"{b}.{p}" for b in blocks for p in ("prefill", "decode"))}
+    assert all(len(v) == 2 for v in feeds.values())
+    for photo in range(2):
+        lengths = [feeds[f"{b}.prefill"][photo]["inputs_embeds"].shape[1] for b in blocks]
+        assert lengths[0] > lengths[1] > lengths[2], lengths  # each prune point drops image tokens
+        windows = [s[photo]["window_logits"].shape[2] for s in selects.values()]
+        assert windows[0] == manifest.method.num_patches and windows[1] < windows[0], windows
+        for (block, layers), length in zip(manifest.blocks(), lengths):
+            decode = feeds[f"{block}.decode"][photo]
+            assert decode[f"past_key_values.{layers[0]}.key"].shape[2] == length, block  # its own cache
+            assert decode["attention_mask"].shape[1] == length + 1 and decode["inputs_embeds"].shape[1] == 1
+    rows = check.check(directory, two_photos, ort_pairs(directory, directory, "fp32"))
+    table = check.format_rows(rows)
+    print(table)
+    assert all(r.ok for r in rows) and {r.graph for r in rows} == set(feeds), table
+    assert {(r.graph, r.output) for r in rows} >= {("llm.0.prefill", "hidden_states"), ("llm.0.decode", "prune_logits"),
+                                                  ("llm.2.decode", "logits"), ("select.image.1", "keep_slots"),
+                                                  ("select.image.2", "keep_valid")}, table
+    assert next(r for r in rows if r.graph == "select.image.2" and r.output == "keep_slots").agreement == 1.0, table
+    caches = {b: {r.output for r in rows if r.graph == f"{b}.decode" and r.output.startswith("present.")} for b in blocks}
+    assert caches["llm.1"] == {"present.1.key", "present.1.value"} and len(caches["llm.2"]) == 4, caches  # its layers
 
 
 def test_tight_tolerances_fail_and_say_so(tiny_export, tiny_export_fp16, two_photos):

@@ -200,6 +200,17 @@ def test_cli_exit_codes(tiny_export, tmp_path, capsys):
     assert code == 1 and report["errors"] == 2 and report["targets"] == ["10.3", "11"]
 
 
+def test_in_llm_pruned_exports_are_clean(export_dir, capsys):
+    """FEATHER and FastV: every decoder block and select graph (TopK with a constant K, no NonZero) passes the
+    lint for TensorRT 10.3 and 11."""
+    for method, selects in (("feather", 2), ("fastv", 1)):
+        directory = export_dir("llava15", None, method=method)
+        graphs = set(Manifest.read(directory).graphs)
+        assert {"llm.0", "llm.1"} <= graphs and len({g for g in graphs if g.startswith("select.")}) == selects
+        code, out, err = run_cli(capsys, "lint", str(directory))
+        assert (code, err) == (0, "") and "no findings against TensorRT 10.3 and TensorRT 11" in out, out
+
+
 @pytest.mark.parametrize("argv, names", [
     (["lint", "/no/such/export"], "/no/such/export"),
     (["lint", "{tmp}", "--trt", "12"], "'12'"),

@@ -17,6 +17,7 @@ trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here (no
 pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pip install 'cuda-python>=12.6')")
 
 from contract import engine_meta  # noqa: E402
+from contract.manifest import Manifest  # noqa: E402
 from engines.build import build  # noqa: E402
 from engines.check import check  # noqa: E402
 from engines.plan import BuildOptions  # noqa: E402
@@ -68,3 +69,40 @@ def test_runtime_backend_matches_onnxruntime(built, photos, pipeline, cuda_graph
             worst = max(float(np.abs(x - y).max()) for x, y in zip(a.logits, b.logits))
             assert worst < 1e-2, f"logits differ by {worst:.3g}"
             assert a.token_ids == b.token_ids
+
+
+@pytest.fixture(scope="module")
+def built_feather(export_dir, tmp_path_factory):
+    """The FEATHER export's engines: a block engine per llm.i, one per select graph."""
+    try:
+        cuda().device()
+    except CudaError as exc:
+        pytest.skip(f"no usable GPU: {exc}")
+    source = export_dir("llava15", None, method="feather")
+    directory = Path(shutil.copytree(source, tmp_path_factory.mktemp("trt") / "feather"))
+    outcomes = build(BuildOptions(directory, precision="fp32", max_batch=2, max_seq_len=1024))  # 576 image tokens
+    assert all(o.status.startswith("built") for o in outcomes)
+    return directory
+
+
+def test_feather_blocks_and_select_graphs(built_feather, export_dir, photos):
+    """Every block has prefill and decode profiles; check compares every block and select graph; the TensorRT
+    backend chains the blocks (host arrays after a prune point, device tensors in decode) as ONNX Runtime does."""
+    manifest = Manifest.read(built_feather)
+    for key, _ in manifest.blocks():
+        assert [p["name"] for p in engine_meta.read_meta(built_feather, key).profiles] == ["prefill", "decode"]
+    rows = check(built_feather, {name: photos[name] for name in ("chelsea", "portrait")})
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+    assert {r.graph for r in rows} >= {"llm.1.decode", "select.image.2"}
+    images, prompts = [photos["coffee"], photos["portrait"]], [PROMPT, "Describe it."]  # batch 2, left padding
+    with Pipeline.load(export_dir("llava15", None, method="feather")) as reference:
+        want = reference.generate(images, prompts, max_new_tokens=8, return_logits=True)
+    for cuda_graphs in (False, True):
+        with Pipeline.load(built_feather, backend="trt", cuda_graphs=cuda_graphs) as engines:
+            for _ in range(2):  # the second query replays captured graphs
+                got = engines.generate(images, prompts, max_new_tokens=8, return_logits=True)
+                for a, b in zip(got, want):
+                    assert [k.tolist() for k in a.kept_stages] == [k.tolist() for k in b.kept_stages]
+                    worst = max(float(np.abs(x - y).max()) for x, y in zip(a.logits, b.logits))
+                    assert worst < 1e-2, f"logits differ by {worst:.3g}"
+                    assert a.token_ids == b.token_ids

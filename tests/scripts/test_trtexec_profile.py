@@ -239,6 +239,25 @@ def test_commands_subcommand_on_a_real_export(script, tiny_export, capsys):
     assert code == 0 and len(out.splitlines()) == 1 and "attention_mask:1x64" in out and "--stronglyTyped" not in out
 
 
+def test_commands_for_every_block_and_select_graph(script, export_dir, tmp_path, capsys):
+    """FEATHER: each decoder block gets a prefill and a decode command (its own past_key_values.i), each
+    select graph one command with only its batch dynamic."""
+    directory = export_dir("llava15", None, method="feather")
+    code, out, err = run_script(script, capsys, "commands", directory, "--version", "10", "--dry-run",
+                                "--out", tmp_path)
+    engines = [line.split("--saveEngine=")[1].split()[0] for line in out.splitlines()]
+    assert code == 0 and [Path(e).name for e in engines] == [
+        "vision.plan", "projector.plan", "llm.0.prefill.plan", "llm.0.decode.plan", "llm.1.prefill.plan",
+        "llm.1.decode.plan", "llm.2.prefill.plan", "llm.2.decode.plan", "select.image.1.plan",
+        "select.image.2.plan"], out
+    lines = dict(zip((Path(e).stem for e in engines), out.splitlines()))
+    assert "past_key_values.1.key:1x" in lines["llm.1.decode"] and "past_key_values.0." not in lines["llm.1.decode"]
+    assert "--minShapes=window_logits:1x4x576,window_valid:1x576 " in lines["select.image.1"]
+    code, out, err = run_script(script, capsys, "commands", directory, "--version", "10", "--dry-run",
+                                "--graph", "llm.2", "--phase", "decode", "--seq-len", "10", "--max-seq-len", "64")
+    assert code == 0 and len(out.splitlines()) == 1 and "attention_mask:1x64" in out and "llm.2.decode" in out
+
+
 @pytest.mark.parametrize("argv, names", [
     (["table", "/no/such.json"], "/no/such.json"),
     (["commands", "{export}", "--version", "11", "--precision", "int8"], "int8"),
