@@ -132,6 +132,10 @@ def _roles(manifest: Manifest, graphs: tuple[str, ...]) -> dict[str, str]:
     for role in graphs:
         if role not in known:
             raise CalibrationError(f"--graphs names {role!r}; choose from {', '.join(ROLES)}")
+        if role == names.LLM and manifest.llm_pruning is not None:
+            raise CalibrationError(f"--graphs llm: this export prunes inside the LLM ({manifest.llm_pruning.method}, "
+                                   "blocks llm.0, llm.1, ...); calibrating its blocks is not supported, use --graphs "
+                                   "vision,projector")
         if known[role] not in manifest.graphs:
             raise CalibrationError(f"the manifest has no {known[role]!r} graph for --graphs {role}")
     return {role: known[role] for role in ROLES if role in graphs}

@@ -47,9 +47,9 @@ def export_dir(tmp_path_factory):
     """(family, keep, **ExportOptions fields) -> directory of the family's built-in tiny checkpoint exported
     by `export.api.run`, once per session (every test module shares them).
 
-    The LLM graph depends on neither K nor the layout: after a family's first export, later ones copy its
-    exported LLM files instead of exporting the same graph again (the slowest step); each export still
-    validates all its graphs against PyTorch."""
+    A graph that an earlier export already produced (same family, graph, spec, opset, dtype; for LLM graphs
+    also the method and max_seq_len: the LLM graph depends on neither K nor the layout) is copied instead of
+    exported again (the slowest step); each export still validates all its graphs against PyTorch."""
     from export import checkpoints, onnx_io
     from export.api import Progress, run
     from export.families import FAMILIES
@@ -57,27 +57,30 @@ def export_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("exports")
     made: dict[tuple, Path] = {}
-    llm_graphs: dict[tuple, object] = {}
+    graphs: dict[tuple, tuple] = {}  # what identifies a graph's file -> (its spec, a copy of its files)
     export_graph = onnx_io.export_graph
 
-    def get(family: str, keep: int, **options) -> Path:
+    def get(family: str, keep: int | None, **options) -> Path:
         key = (family, keep, tuple(sorted(options.items())))
         if key in made:
             return made[key]
-        llm_key = (family, options.get("opset", 18), options.get("max_seq_len"))
+        # A graph's files depend on the family, its name and spec (the spec names K, the layers and the
+        # shapes), the opset and the dtype, and for LLM graphs the method (FastV's block scores with RoPE,
+        # FEATHER's without; the same spec) and max_seq_len: equal keys, equal files.
+        common = (family, options.get("opset", 18), options.get("dtype", "float32"))
+        llm_only = (options.get("method", "fastervlm"), options.get("max_seq_len"))
 
         def cached_export_graph(graph, directory, opset):
-            if graph.name != "llm":
-                return export_graph(graph, directory, opset)
-            if llm_key not in llm_graphs:
+            graph_key = (*common, graph.name, repr(graph.spec), *(llm_only if graph.name.startswith("llm") else ()))
+            if graph_key not in graphs:
                 spec = export_graph(graph, directory, opset)
-                keep_dir = root / f".llm-{len(llm_graphs)}"
+                keep_dir = root / f".graph-{len(graphs)}"
                 keep_dir.mkdir()
                 for name in spec.sizes:
                     shutil.copy(directory / name, keep_dir / name)
-                llm_graphs[llm_key] = (spec, keep_dir)
+                graphs[graph_key] = (spec, keep_dir)
                 return spec
-            spec, keep_dir = llm_graphs[llm_key]
+            spec, keep_dir = graphs[graph_key]
             for name in spec.sizes:
                 shutil.copy(keep_dir / name, directory / name)
             return spec

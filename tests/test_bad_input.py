@@ -141,8 +141,8 @@ def test_export_force_replaces_directory(tmp_path: Path, tiny_checkpoint: Path) 
     (out / "manifest.json").write_text('{"format_version": 1}')  # an older export: --force replaces only exports
     (out / "stale.txt").write_text("from an older export")
 
-    run = cli("export", "llava15", "--keep", "8", "--model", "tiny", "--out", out, "--force", "--no-validate",
-              cwd=tmp_path)
+    run = run_main("export", "llava15", "--keep", "8", "--model", "tiny", "--out", out, "--force", "--no-validate",
+                   cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(out)
     assert not (out / "stale.txt").exists(), "--force kept the old directory's content"
