@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_runtime_query_imports_no_torch(tiny_export, tmp_path):
-    export_dir = tiny_export(32)
+@pytest.mark.parametrize("method", ["fastervlm", "feather"])
+def test_runtime_query_imports_no_torch(method, export_dir, tmp_path):
+    export_dir = export_dir("llava15", 32) if method == "fastervlm" else export_dir("llava15", None, method=method)
     script = f"""
 import sys
 import numpy as np
@@ -21,6 +24,7 @@ result = pipe.generate(np.full((64, 80, 3), 127, np.uint8), "What is this?", max
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'export'))
 print('HEAVY', heavy)
 assert len(result.token_ids) >= 1
+assert len(result.kept_stages) == ({2 if method == 'feather' else 0})
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
