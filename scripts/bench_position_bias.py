@@ -57,13 +57,14 @@ def main() -> None:
     from export.api import Progress, run
     from export.spec import ExportOptions
     from runtime import Pipeline
+    from scripts.bench import current
 
     progress = Progress()
     images = photos()
     stats: dict[str, dict[str, list[float]]] = {}
     for method in ("fastv", "feather"):
         out = args.work / f"llava15-{args.model}-{method}"
-        if not (out / "manifest.json").exists():
+        if not current(out):
             with progress.step(f"exporting llava15 {args.model} --method {method}"):
                 run(ExportOptions("llava15", model=args.model, out=out, force=True, method=method), progress)
         with progress.step(f"{method}: {len(images)} photos x {len(PROMPTS)} prompts"), \
