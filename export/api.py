@@ -89,6 +89,9 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         exports = [g for g in exports if g.name != names.LLM]
         new_exports, llm_pruning = _llm_pruning(text_decoder, lm_head, method, modalities, *pruning)
         exports += new_exports
+    for graph in exports:  # opset 23+: the checkpoint's SDPA becomes ONNX's fused Attention; before, grouped
+        if isinstance(graph.module, llm.DecoderGraph):
+            graph.module.grouped = options.opset < llm.FUSED_ATTENTION_OPSET
     for graph in exports:
         with progress.step(f"exporting {graph.name} graph"):
             specs[graph.name] = onnx_io.export_graph(graph, directory, options.opset)

@@ -73,6 +73,52 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+GROUPED_ATTENTION = "prunevlm_grouped"  # the attention the graph is traced with (registered below)
+FUSED_ATTENTION_OPSET = 23  # from here the checkpoint's SDPA exports as ONNX's Attention operator: kept
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Attention with grouped-query heads read in place: query [B, H, S, Dh], key / value [B, Hkv, T, Dh]
+    (the whole cache), additive mask [B, 1, S, T] -> ([B, S, H, Dh], None), transformers' attention interface.
+
+    HF's eager and SDPA paths expand K and V to H heads (repeat_kv): in the exported graph that is a copy of
+    every layer's whole cache, H/Hkv times, at every decode step. Here the G = H/Hkv query heads of a KV head
+    are stacked as rows of one matmul against that head's keys, so no copy of the cache is made. Same math
+    (softmax in fp32, as SDPA's reference); the parity tests compare the graphs with HF's own attention."""
+    batch, heads, seq, dim = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    group = heads // kv_heads  # query head h = kv * group + g reads KV head kv
+    scale = dim**-0.5 if scaling is None else scaling
+    q = (query * scale).reshape(batch, kv_heads, group * seq, dim)  # rows (g, s) of each KV head; scaled while small
+    scores = torch.matmul(q, key.transpose(-1, -2)).reshape(batch, heads, seq, total)  # a view: same memory order
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, :total]  # [B, 1, S, T]
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype).reshape(batch, kv_heads, group * seq, total)
+    out = torch.matmul(probs, value)  # [B, Hkv, G*S, Dh]
+    return out.reshape(batch, heads, seq, dim).transpose(1, 2), None  # [B, S, H, Dh]
+
+
+def _register_grouped_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+
+
+class _TracedAttention:
+    """Within the graph's forward, the decoder's attention layers use `grouped_attention`; the model's own
+    setting is put back afterwards (the caller's model, e.g. a reference run next to the export, is unchanged)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __enter__(self):
+        self.saved = self.config._attn_implementation
+        self.config._attn_implementation = GROUPED_ATTENTION
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.saved
+
+
 class DecoderGraph(nn.Module):
     """Wraps an HF decoder (`decoder`: embed_tokens, layers, norm, rotary_emb) and its `lm_head`.
 
@@ -83,7 +129,8 @@ class DecoderGraph(nn.Module):
     when `rope`, FastV's score), per query head against its KV head, over every position of the sequence.
     """
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: range | None = None, rope: bool = False):
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: range | None = None, rope: bool = False,
+                 grouped: bool = True):
         super().__init__()
         for part in ("layers", "norm", "rotary_emb"):
             if not hasattr(decoder, part):
@@ -94,12 +141,14 @@ class DecoderGraph(nn.Module):
                 f"language model {type(decoder).__name__} uses layer types {sorted(set(layer_types))}; "
                 "only full-attention decoders are supported"
             )
+        _register_grouped_attention()
         self.decoder = decoder
         self.lm_head = lm_head
         self.num_layers = len(decoder.layers)
         self.layers = range(self.num_layers) if layers is None else layers
         self.last = self.layers.stop == self.num_layers
         self.rope = rope
+        self.grouped = grouped  # trace with grouped_attention (else the checkpoint's own attention)
         cfg = decoder.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -127,6 +176,12 @@ class DecoderGraph(nn.Module):
         hidden = inputs_embeds  # [B, S, D]
         mask = additive_causal_mask(attention_mask, hidden.shape[1], hidden.dtype)  # [B, 1, S, P+S]
         position_embeddings = self.decoder.rotary_emb(hidden, position_ids=position_ids)
+        if not self.grouped:
+            return self._layers(hidden, mask, position_ids, position_embeddings, cache)
+        with _TracedAttention(self.decoder.config):
+            return self._layers(hidden, mask, position_ids, position_embeddings, cache)
+
+    def _layers(self, hidden, mask, position_ids, position_embeddings, cache):
         prune_logits = None
         for index in self.layers:
             layer = self.decoder.layers[index]
