@@ -129,20 +129,7 @@ def worker_hf_in_llm(args) -> dict:
             ref.fastv(model, embeds, mask, positions, new_tokens, **kwargs)
         return {**stages, "generate": time.perf_counter() - start}
 
-    once(2)
-    firsts = [once(1) for _ in range(args.repeats)]
-    fulls = [once(args.new_tokens) for _ in range(args.repeats)]
-    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    prefill = med(firsts, "generate")
-    decode_s = med(fulls, "generate") - prefill
-    return {
-        "vision_s": med(firsts, "vision"),
-        "projector_s": med(firsts, "projector"),
-        "prefill_s": prefill,
-        "ttft_s": med(firsts, "pre") + med(firsts, "vision") + med(firsts, "projector") + prefill,
-        "decode_tokens_per_s": (args.new_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    return reference_timings(once, args)
 
 
 def worker_hf(args) -> dict:
@@ -168,6 +155,12 @@ def worker_hf(args) -> dict:
                            min_new_tokens=new_tokens, do_sample=False)
         return {**stages, "generate": time.perf_counter() - start}
 
+    return reference_timings(once, args)
+
+
+def reference_timings(once, args) -> dict:
+    """A reference run's stages: once(new_tokens) -> {pre, vision, projector, generate} seconds; prefill is a
+    one-token generate, decode the rest of an args.new_tokens one (medians over args.repeats)."""
     once(2)  # warm-up
     firsts = [once(1) for _ in range(args.repeats)]
     fulls = [once(args.new_tokens) for _ in range(args.repeats)]
