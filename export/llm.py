@@ -4,7 +4,11 @@ One graph serves prefill (past length 0) and decode (1 new token): the runtime f
 embeddings with the image embeddings spliced in, so the graph never sees token ids. It runs the
 checkpoint's own decoder layers (any HF decoder whose layers take `position_embeddings` and call
 `past_key_values.update`: Llama, Mistral, Qwen2, ... including grouped-query attention), so the
-numbers are the checkpoint's; only the mask and the cache bookkeeping are ours.
+numbers are the checkpoint's; the mask, the cache bookkeeping and the attention product are ours
+(`grouped_attention`: KV heads read in place; below opset 23, where SDPA would not become ONNX Attention).
+For FEATHER / FastV the decoder is exported as blocks of layers between the prune points (`block_exports`),
+each with its own layers' cache; a block before a prune point outputs its hidden states and the last
+token's attention logits for the next layer instead of the logits.
 
     inputs_embeds [B, S, D] --> layers 0..L-1 (RoPE from position_ids, mask from attention_mask)
     attention_mask [B, P+S]        |  each layer: K/V = concat(past K/V [B, Hkv, P, Dh], new)

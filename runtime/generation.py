@@ -3,7 +3,9 @@
 Split the way gpt-fast splits it. The cache lives in the runner's bound values (`infer_bound`: ONNX Runtime
 OrtValues with I/O binding, TensorRT device buffers): the `present` outputs of one call are bound as the
 `past` inputs of the next, never converted to numpy or copied by the runtime (the graph's own concat is the
-only copy).
+only copy). An export pruned inside the LLM (FEATHER, FastV) runs as blocks, each with its own cache; at a
+prune point, during prefill, the select graph picks the kept tokens and `gather_kept` builds the next
+block's sequence on the host.
 """
 
 from __future__ import annotations
