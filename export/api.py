@@ -52,6 +52,9 @@ def run(options: ExportOptions, progress: Progress | None = None) -> Path:
                               f"{options.method}; use --layout {' / '.join(others)}")
     else:
         method = dataclasses.replace(family.method_spec(config, options.keep), positions=options.positions or "packed")
+        if method.positions == "original" and method.keep == method.num_patches:
+            raise ExportError(f"--positions original with --keep {method.keep} (every patch): without pruning the "
+                              "original positions are the packed ones; drop --positions")
         layout = options.layout or family.default_layout(method.keep, method.num_patches)
     if layout not in family.LAYOUTS:
         raise ExportError(f"--layout {layout!r} is not one of {family.NAME}'s layouts: {', '.join(family.LAYOUTS)}")

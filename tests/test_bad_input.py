@@ -99,6 +99,8 @@ EXPORT_CASES = {
                                 ["--positions packed", "original"]),
     "feather-layout-hf": (["llava-next", "--method", "feather", "--layout", "hf", "--model", "tiny"],
                           ["--layout hf", "fixed token window", "fastervlm"]),
+    "positions-original-unpruned": (["llava15", "--keep", "576", "--positions", "original", "--model", "tiny"],
+                                    ["--positions original", "--keep 576", "drop --positions"]),
     "feather-float16": (["llava15", "--method", "feather", "--dtype", "float16", "--model", "tiny"],
                         ["--dtype float16", "float32"]),
     "reduction-keeps-nothing": (["llava15", "--method", "feather", "--reduction", "0.99", "--model", "tiny",
