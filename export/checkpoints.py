@@ -115,7 +115,7 @@ def for_family(family, model: str, step: Step = contextlib.nullcontext) -> Path:
     return resolve(model, family.SYNTHETIC, key=f"{family.NAME}-{TOOLKIT_VERSION}", step=step)
 
 
-SYNTHETIC_VERSION = 3  # bump when the built-in checkpoints change, so cached ones are rebuilt
+SYNTHETIC_VERSION = 4  # bump when the built-in checkpoints change, so cached ones are rebuilt
 
 
 def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -> Path:

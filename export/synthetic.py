@@ -57,7 +57,7 @@ SIZES = {
     # Small enough for tests: a few seconds to export, a few MB of weights besides the vocabulary.
     "tiny": (
         dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
-        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
     ),
     # Benchmark size: the real token counts and roughly LLaVA-1.5's LLM:vision compute ratio (~25:1), small
     # enough that one full LLaVA-1.5 prefill takes a few seconds on a 2-core CPU.

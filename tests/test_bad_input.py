@@ -68,7 +68,7 @@ EXPORT_CASES = {
     "layout-unknown": (["llava15", "--keep", "8", "--model", "tiny", "--layout", "hf"], ["--layout 'hf'", "single"]),
     "layout-hf-pruned": (["llava-next", "--keep", "29", "--model", "tiny", "--layout", "hf"],
                          ["--layout hf", "--keep 576", "fastervlm"]),
-    # in-LLM pruning (FEATHER, FastV); the tiny LLM has 4 layers
+    # in-LLM pruning (FEATHER, FastV); the tiny LLM has 3 layers
     "method-unknown": (["llava15", "--method", "pdrop", "--model", "tiny"], ["--method", "'pdrop'", "fastv"]),
     "fastervlm-without-keep": (["llava15", "--model", "tiny"], ["--keep K is required", "fastervlm"]),
     "feather-with-keep": (["llava15", "--method", "feather", "--keep", "32", "--model", "tiny"],
@@ -86,9 +86,9 @@ EXPORT_CASES = {
     "stride-with-fastv": (["llava15", "--method", "fastv", "--grid-stride", "3", "--model", "tiny"],
                           ["--grid-stride", "FastV"]),
     "layers-beyond-llm": (["llava15", "--method", "feather", "--prune-layers", "2,4", "--model", "tiny"],
-                          ["--prune-layers 2,4", "4 layers", "1..3"]),
+                          ["--prune-layers 2,4", "3 layers", "1..2"]),
     "layers-zero": (["llava15", "--method", "feather", "--prune-layers", "0,2", "--model", "tiny"],
-                    ["--prune-layers 0,2", "1..3"]),
+                    ["--prune-layers 0,2", "1..2"]),
     "layers-not-increasing": (["llava15", "--method", "feather", "--prune-layers", "2,1", "--model", "tiny"],
                               ["--prune-layers 2,1", "strictly increasing"]),
     "layers-not-numbers": (["llava15", "--method", "feather", "--prune-layers", "a,b", "--model", "tiny"],

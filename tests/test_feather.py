@@ -64,7 +64,7 @@ def assert_same(results, gen: ref.Generation) -> None:
 
 CASES = [
     ("feather", ["astronaut"], PROMPTS[:1]),
-    ("feather", ["coffee", "portrait"], [PROMPTS[2], PROMPTS[0]]),  # batch 2, left padding
+    ("feather", ["chelsea", "portrait"], [PROMPTS[2], PROMPTS[0]]),  # batch 2, left padding, unions of 217 and 219
     ("fastv", ["coffee", "portrait"], [PROMPTS[2], PROMPTS[0]]),
 ]
 

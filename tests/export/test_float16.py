@@ -66,7 +66,7 @@ def test_islands_compute_in_fp32(tiny_export, tiny_export_fp16):
     llm = onnx.load(str(tiny_export(KEEP) / "llm.onnx"), load_external_data=False)
     pows = [n for n in llm.graph.node if n.op_type == "Pow"]
     assert {n.name for n in pows} <= onnx_walk.rms_norm_nodes(llm.graph)
-    assert len(pows) == 2 * 4 + 1  # input and post-attention norms of the tiny LLM's 4 layers, and the final norm
+    assert len(pows) == 2 * 3 + 1  # input and post-attention norms of the tiny LLM's 3 layers, and the final norm
 
 
 def test_validation_against_pytorch(tiny, tiny_export_fp16):
