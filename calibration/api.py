@@ -136,6 +136,10 @@ def _roles(manifest: Manifest, graphs: tuple[str, ...]) -> dict[str, str]:
             raise CalibrationError(f"--graphs llm: this export prunes inside the LLM ({manifest.llm_pruning.method}, "
                                    "blocks llm.0, llm.1, ...); calibrating its blocks is not supported, use --graphs "
                                    "vision,projector")
+        if role == names.LLM and (manifest.target != "standard" or manifest.llm.weights != "float"):
+            raise CalibrationError(f"--graphs llm: this export's LLM graph is already specialised (--target "
+                                   f"{manifest.target}, --llm-weights {manifest.llm.weights}); calibrate a standard "
+                                   "float export, or use --graphs vision,projector")
         if known[role] not in manifest.graphs:
             raise CalibrationError(f"the manifest has no {known[role]!r} graph for --graphs {role}")
     return {role: known[role] for role in ROLES if role in graphs}

@@ -51,6 +51,13 @@ def boolean(value, field: str) -> bool:
     return value
 
 
+def choice(value, field: str, allowed: tuple[str, ...]) -> str:
+    """One of the strings `allowed`."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ManifestError(f"manifest field {field}={_short(value)} must be one of {', '.join(allowed)}: re-export")
+    return value
+
+
 def text(value, field: str, limit: int = MAX_NAME, empty: bool = False) -> str:
     """A str of at most `limit` characters without NUL; one line unless it is a template."""
     if not isinstance(value, str) or len(value) > limit or (not value and not empty) or "\0" in value:

@@ -104,3 +104,16 @@ def format_table(rows: list[tuple[str, ...]], indent: str = "  ") -> str:
     """Rows of strings as left-aligned columns; the first row is the header."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(indent + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def next_token_agreement(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """Logits [N, V] of the same N positions from two models -> (share of positions whose argmax agree, mean
+    KL(reference || other) in nats): how close a quantized model's next-token predictions stay."""
+    log_p, log_q = (_log_softmax(x.astype(np.float64)) for x in (reference, logits))
+    agreement = float((reference.argmax(-1) == logits.argmax(-1)).mean())
+    return agreement, float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))

@@ -17,6 +17,7 @@ from contract.layouts import LAYOUTS, Layout, layout_from_dict, layout_to_dict
 from contract.names import (
     ATTENTION_MASK,
     BATCH,
+    CAPACITY,
     HIDDEN_STATES,
     IMAGE_EMBEDS,
     IMAGE_FEATURES,
@@ -41,12 +42,21 @@ from contract.names import (
     llm_block,
 )
 
-FORMAT_VERSION = 4  # 3: modalities name their vision and projector graphs, typed layouts, `precision`;
-# 4: `llm_pruning` (FEATHER / FastV decoder blocks and select graphs), `method.positions`
+FORMAT_VERSION = 5  # 3: modalities name their vision and projector graphs, typed layouts, `precision`;
+# 4: `llm_pruning` (FEATHER / FastV decoder blocks and select graphs), `method.positions`;
+# 5: `target`, `llm.kv_cache`, `llm.weights`
 MANIFEST_FILE = "manifest.json"
 TOOLKIT_VERSION = "0.1.0"
 
-AXES = (BATCH, SEQUENCE, PAST, TOTAL)  # re-exported: the graphs' named dynamic axes
+AXES = (BATCH, SEQUENCE, PAST, TOTAL, CAPACITY)  # re-exported: the graphs' named dynamic axes
+# Which backends can run the export: "standard" (ONNX operators only: ONNX Runtime and TensorRT), or
+# "onnxruntime" (the LLM graphs use ONNX Runtime's GroupQueryAttention: ONNX Runtime only).
+TARGETS = ("standard", "onnxruntime")
+# How the LLM graph keeps its KV cache: "concat" (past [B, Hkv, P, Dh] in, present [B, Hkv, P+S, Dh] out) or
+# "buffer" (one preallocated [B, Hkv, capacity, Dh] buffer per tensor, bound as both past and present and
+# written in place at positions P..P+S-1).
+KV_CACHES = ("concat", "buffer")
+LLM_WEIGHTS = ("float", "int4")  # the LLM graphs' linear weights: as `precision`, or blocked int4 (weight-only)
 PRECISIONS = ("float32", "float16")  # the graphs' compute precision (inputs and outputs are float32 either way)
 NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is ~10 KB (+ the chat template); read at most this much
@@ -130,8 +140,12 @@ class LLMSpec:
     past_value: str = PAST_VALUE
     present_key: str = PRESENT_KEY
     present_value: str = PRESENT_VALUE
+    kv_cache: str = "concat"  # a key of KV_CACHES
+    weights: str = "float"  # a key of LLM_WEIGHTS
 
     def __post_init__(self) -> None:
+        checks.choice(self.kv_cache, "llm.kv_cache", KV_CACHES)
+        checks.choice(self.weights, "llm.weights", LLM_WEIGHTS)
         checks.integer(self.num_layers, "llm.num_layers", 1, checks.MAX_LAYERS)
         checks.integer(self.num_heads, "llm.num_heads", 1, checks.MAX_HEADS)
         checks.integer(self.num_kv_heads, "llm.num_kv_heads", 1, self.num_heads)
@@ -325,10 +339,11 @@ class Manifest:
     # Every file of the export but the manifest -> {"bytes": n, "sha256": hex}: `Pipeline.load(verify=True)`.
     files: dict[str, dict] = field(default_factory=dict)
     llm_pruning: PruningSpec | None = None  # FEATHER / FastV: the LLM as blocks; None: one "llm" graph
+    target: str = "standard"  # a key of TARGETS: which backends can run the graphs
 
     def __post_init__(self) -> None:
-        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
-            raise ManifestError(f"precision {checks._short(self.precision)} is unknown; expected one of {PRECISIONS}")
+        checks.choice(self.target, "target", TARGETS)
+        checks.choice(self.precision, "precision", PRECISIONS)
         checks.text(self.family, "family")
         checks.text(self.toolkit_version, "toolkit_version")
         checks.mapping(self.source, "source", 64)
@@ -336,6 +351,9 @@ class Manifest:
                                   ("llm", self.llm, LLMSpec)):
             if not isinstance(value, kind):
                 raise ManifestError(f"manifest field {role} is malformed: re-export")
+        if self.llm.kv_cache == "buffer" and self.target != "onnxruntime":
+            raise ManifestError(f"manifest field llm.kv_cache=buffer needs target onnxruntime (its attention "
+                                f"operator), the manifest says {self.target!r}: re-export")
         if not checks.mapping(self.graphs, "graphs", 64) or not all(isinstance(g, GraphSpec) for g in self.graphs.values()):
             raise ManifestError("manifest field graphs must list the export's graphs: re-export")
         if not checks.mapping(self.modalities, "modalities", 8) or not all(
@@ -488,6 +506,7 @@ class Manifest:
                 toolkit_version=data["toolkit_version"],
                 files=dict(data.get("files", {})),
                 llm_pruning=pruning,
+                target=data["target"],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             reason = " ".join(str(exc).split())[:200]

@@ -44,6 +44,7 @@ BATCH = "batch"
 SEQUENCE = "sequence"  # new tokens fed to the LLM in one call (prompt length at prefill, 1 when decoding)
 PAST = "past_sequence"  # tokens already in the KV cache
 TOTAL = "total_sequence"  # PAST + SEQUENCE: the attention mask's length
+CAPACITY = "cache_capacity"  # positions a preallocated KV buffer holds (>= TOTAL; `llm.kv_cache` "buffer")
 
 # KV-cache tensor names of the LLM graph, formatted with the layer index.
 PAST_KEY, PAST_VALUE = "past_key_values.{}.key", "past_key_values.{}.value"

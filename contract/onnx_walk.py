@@ -36,11 +36,13 @@ def fp32_islands(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def rms_norm_nodes(graph: onnx.GraphProto) -> set[str]:
-    """Every decomposed RMSNorm, as the exporter writes HF's `x * rsqrt(mean(x**2) + eps) * weight`:
+    """Every decomposed RMSNorm, as the exporter writes HF's `x * rsqrt(mean(x**2) + eps) * weight` or the LLM
+    graph's `x / sqrt(mean(x**2) + eps) * weight` (export/llm.py, for ONNX Runtime's fusion):
 
         x --Pow(2)--> ReduceMean --Add(eps)--> Sqrt --Reciprocal--> Mul(x, .) --Mul(weight, .)-->
-    The walk goes forward from the ReduceMean through element-wise ops to the Mul that reads x again, then
-    takes the weight Mul after it when one operand is constant.
+        x --Pow(2)--> ReduceMean --Add(eps)--> Sqrt --> Div(x, .) --Mul(weight, .)-->
+    The walk goes forward from the ReduceMean through element-wise ops to the Mul or Div that reads x again,
+    then takes the weight Mul after it when one operand is constant.
     """
     producers = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -61,7 +63,7 @@ def rms_norm_nodes(graph: onnx.GraphProto) -> set[str]:
                 if node.op_type not in _NORM_TAIL or node.name in chain:
                     continue
                 chain.append(node.name)
-                if node.op_type == "Mul" and x in node.input:
+                if node.op_type in ("Mul", "Div") and x in node.input:
                     scaled = node
                     break
                 frontier.extend(node.output)

@@ -48,7 +48,7 @@ from contract import engine_meta, files
 from contract.errors import ManifestError
 from contract.manifest import TOOLKIT_VERSION, Manifest, check_files
 from engines import trtexec
-from engines.plan import LINT_TARGET, PRECISIONS, TRT_VERSIONS, BuildError, BuildOptions, GraphPlan, plan
+from engines.plan import LINT_TARGET, PRECISIONS, TRT_VERSIONS, BuildError, BuildOptions, GraphPlan, plan, require_standard
 
 NO_TENSORRT = ("python -m engines build needs TensorRT's Python package, and `import tensorrt` failed: on Jetson it "
                "comes with JetPack 6.1+ (apt install python3-libnvinfer), elsewhere pip install tensorrt; "
@@ -68,6 +68,7 @@ def build(options: BuildOptions, log=None) -> list[Outcome]:
     """Build (or keep) every engine of `options.export_dir`; returns what happened per graph."""
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     manifest = Manifest.read(options.export_dir)
+    require_standard(manifest, options.export_dir)
     for spec in manifest.graphs.values():
         check_files(options.export_dir, spec)
     label = f"the engines of {files.quoted(options.export_dir)}"

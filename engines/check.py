@@ -36,6 +36,7 @@ from contract.compare import MIN_TOPK_AGREEMENT, format_table, max_abs_diff, top
 from contract.errors import InputError
 from contract.manifest import Manifest
 from engines import trtexec
+from engines.plan import require_standard
 from runtime.backends.base import to_numpy
 
 # (atol, rtol) per engine precision, Polygraphy's element-wise test: |a - b| <= atol or |a - b| / |b| <= rtol.
@@ -234,6 +235,7 @@ def check(export_dir: Path, photos: dict[str, object], runners=None) -> list[Row
     G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-comparison logging would bury the table
     manifest = Manifest.read(export_dir)
     if runners is None:
+        require_standard(manifest, export_dir)
         for graph in manifest.graphs:
             engine_meta.check_engine(export_dir, graph)  # missing or stale: said before TensorRT loads
         runners = trt_runners(export_dir, manifest)

@@ -39,7 +39,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from contract.errors import UserError
+from contract.errors import ManifestError, UserError
 from contract.manifest import Manifest
 from engines import trtexec
 
@@ -145,6 +145,13 @@ def profiles(spec, sizes: trtexec.Sizes) -> tuple[Profile, ...]:
         shapes = trtexec.graph_profile(spec, sizes, "prefill" if phase == "default" else phase).shapes
         out.append(Profile(phase, shapes, {axis: ranges[axis] for axis in ranges if axis in used}))
     return tuple(out)
+
+
+def require_standard(manifest: Manifest, directory) -> None:
+    """TensorRT builds `--target standard` exports only: refused before anything is built or imported."""
+    if manifest.target != "standard":
+        raise ManifestError(f"{directory} was exported with --target {manifest.target}: its LLM graphs use ONNX "
+                            "Runtime's own operators, which TensorRT cannot parse; re-export with --target standard")
 
 
 def plan(manifest: Manifest, options: BuildOptions, major: int) -> list[GraphPlan]:

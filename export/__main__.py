@@ -57,6 +57,14 @@ def parser() -> ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default) or float16: fp16 graphs with fp32 "
                    "islands (LayerNorm, Softmax, the [CLS]-score path, RMSNorm, rotary angles) and fp32 inputs/outputs, "
                    "validated against PyTorch with looser tolerances; what TensorRT 11 builds FP16 engines from")
+    p.add_argument("--target", default="standard",
+                   help="standard (default): ONNX operators only, for ONNX Runtime and TensorRT; onnxruntime: the LLM's "
+                   "attention is ONNX Runtime's GroupQueryAttention over a preallocated KV buffer written in place "
+                   "(faster CPU decode; ONNX Runtime only, TensorRT refuses it)")
+    p.add_argument("--llm-weights", default="float",
+                   help="float (default), or int4: the LLM graphs' linear weights (lm_head included) as blocked int4 "
+                   "(block 32, symmetric; DequantizeLinear -> MatMul, opset 21, which ONNX Runtime runs as "
+                   "MatMulNBits); the vision and projector graphs stay float")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -80,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             family=args.family, keep=args.keep, model=args.model, out=args.out, force=args.force,
             validate=args.validate, opset=args.opset, max_seq_len=args.max_seq_len, layout=args.layout,
             dtype=args.dtype, method=args.method, prune_layers=args.prune_layers, reduction=args.reduction,
-            grid_stride=args.grid_stride, positions=args.positions,
+            grid_stride=args.grid_stride, positions=args.positions, target=args.target,
+            llm_weights=args.llm_weights,
         )
         from export.api import run as export  # heavy (transformers, onnx): only once the options are valid
 

@@ -90,8 +90,12 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
     llm_pruning = None
     if pruning is not None:
         exports = [g for g in exports if g.name != names.LLM]
-        new_exports, llm_pruning = _llm_pruning(text_decoder, lm_head, method, modalities, *pruning)
+        new_exports, llm_pruning = _llm_pruning(text_decoder, lm_head, method, modalities, *pruning, options.kv_cache)
         exports += new_exports
+    elif options.kv_cache != "concat":  # the family's LLM graph, with the KV cache the target asks for
+        spec, _ = llm.llm_spec(text_decoder, lm_head, "llm.onnx", kv_cache=options.kv_cache)
+        exports = [llm.graph_export(text_decoder, lm_head, spec, kv_cache=options.kv_cache) if g.name == names.LLM
+                   else g for g in exports]
     for graph in exports:  # opset 23+: the checkpoint's SDPA becomes ONNX's fused Attention; before, grouped
         if isinstance(graph.module, llm.DecoderGraph):
             graph.module.grouped = options.opset < llm.FUSED_ATTENTION_OPSET
@@ -115,6 +119,11 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         from export import precision
 
         specs = precision.run(directory, exports, specs, options.validate, progress)
+    if options.llm_weights == "int4":
+        from export import weights
+
+        llm_graphs = [g.name for g in exports if isinstance(g.module, llm.DecoderGraph)]
+        specs = weights.quantize_int4(directory, specs, llm_graphs, progress)
 
     _, dims = llm.llm_spec(text_decoder, lm_head, "llm.onnx")
     np.save(directory / EMBEDDINGS_FILE, text_decoder.embed_tokens.weight.detach().float().numpy())
@@ -134,7 +143,7 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         modalities=modalities,
         prompt=prompt,
         llm=LLMSpec(**dims, max_seq_len=max_seq_len, embeddings=EMBEDDINGS_FILE, eos_token_ids=eos_ids,
-                    pad_token_id=int(pad)),
+                    pad_token_id=int(pad), kv_cache=options.kv_cache, weights=options.llm_weights),
         graphs=specs,
         precision=options.dtype,
         source={
@@ -146,6 +155,7 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         },
         files=record_files(directory),  # last: the arguments above (modalities) may write files
         llm_pruning=llm_pruning,
+        target=options.target,
     )
     manifest.write(directory)
 
@@ -165,14 +175,14 @@ def _check_stages(method, layers: tuple[int, ...], reduction: float, stride: int
 
 
 def _llm_pruning(decoder, lm_head, method, modalities: dict, layers: tuple[int, ...], reduction: float,
-                 stride: int) -> tuple[list, PruningSpec]:
+                 stride: int, kv_cache: str) -> tuple[list, PruningSpec]:
     """FEATHER / FastV: the decoder blocks between the prune layers, and per modality one select graph per
     stage. Stage s of FEATHER keeps int(n (1-R)^s) by score of the n tokens left (stage 1 also the uniform
     grid of every sub-image); FastV's single stage keeps int(n (1-R))."""
     from export import feather
 
     rope = method.name == "fastv"
-    exports = llm.block_exports(decoder, lm_head, (0, *layers, len(decoder.layers)), rope)
+    exports = llm.block_exports(decoder, lm_head, (0, *layers, len(decoder.layers)), rope, kv_cache)
     heads = decoder.config.num_attention_heads
     select = {}
     for modality, spec in modalities.items():

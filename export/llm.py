@@ -15,10 +15,16 @@ token's attention logits for the next layer instead of the logits.
     position_ids [B, S]            v
     past_key_values.i.{key,value} -> norm -> last position -> lm_head -> logits [B, V]
                                      present.i.{key,value} [B, Hkv, P+S, Dh]
+
+`kv_cache="buffer"` (the `--target onnxruntime` export): each layer's attention is ONNX Runtime's
+GroupQueryAttention over a preallocated [B, Hkv, capacity, Dh] buffer that the runtime binds as both the past
+input and the present output, so the new keys and values are written in place at positions P..P+S-1 and
+nothing is copied per step; the padding mask reaches it as an additive bias (left padding, as everywhere).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +32,7 @@ from contract import names
 from contract.errors import ExportError
 from contract.manifest import (
     BATCH,
+    CAPACITY,
     PAST,
     PAST_KEY,
     PAST_VALUE,
@@ -53,6 +60,117 @@ class _GraphCache:
         value = torch.cat([past_value, value], dim=2)
         self.present[layer_idx] = (key, value)
         return key, value
+
+
+class _BufferCache:
+    """`kv_cache="buffer"`: `update` hands the new keys and values through; `buffer_attention` (which gets this
+    object as the `kv_buffer` argument) writes them into the layer's buffer and attends over it."""
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor):
+        self.past = past
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        batch, total = attention_mask.shape
+        # GroupQueryAttention's length inputs: every row holds P+S positions (left padding included, masked)
+        self.seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
+        self.total = torch.full((), total, dtype=torch.int32)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return key, value
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """query [B, H, S, Dh], key / value [B, Hkv, T, Dh], additive bias [B, 1, S, T] -> [B, S, H, Dh]: the G =
+    H/Hkv query heads of a KV head stacked as rows of one matmul against that head's keys (no copy of K, V)."""
+    batch, heads, seq, dim = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    group = heads // kv_heads  # query head h = kv * group + g reads KV head kv
+    q = (query * scale).reshape(batch, kv_heads, group * seq, dim)  # rows (g, s) of each KV head; scaled while small
+    scores = torch.matmul(q, key.transpose(-1, -2)).reshape(batch, heads, seq, total)  # a view: same memory order
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype).reshape(batch, kv_heads, group * seq, total)
+    out = torch.matmul(probs, value)  # [B, Hkv, G*S, Dh]
+    return out.reshape(batch, heads, seq, dim).transpose(1, 2)
+
+
+@torch.library.custom_op("prunevlm::group_query_attention", mutates_args=())
+def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
+                          attention_bias: torch.Tensor, num_heads: int, kv_num_heads: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX Runtime's com.microsoft GroupQueryAttention (the export translates it to that operator; this is
+    its reference for tracing and validation), in the form the LLM graph uses it: query [B, S, H*Dh], key /
+    value [B, S, Hkv*Dh] (RoPE applied), past buffers [B, Hkv, C, Dh] holding positions 0..P-1, total P+S <= C,
+    attention_bias [B, 1, S, P+S] (causal and padding) -> output [B, S, H*Dh], the buffers with the new keys
+    and values at P..P+S-1 (positions past P+S as they were)."""
+    batch, seq, _ = query.shape
+    dim = past_key.shape[-1]
+    total = int(total_sequence_length)
+    past = total - seq
+    present_key, present_value = past_key.clone(), past_value.clone()
+    present_key[:, :, past:total] = key.view(batch, seq, kv_num_heads, dim).transpose(1, 2)
+    present_value[:, :, past:total] = value.view(batch, seq, kv_num_heads, dim).transpose(1, 2)
+    q = query.view(batch, seq, num_heads, dim).transpose(1, 2)
+    out = _attend(q, present_key[:, :, :total], present_value[:, :, :total], attention_bias, scale)
+    return out.reshape(batch, seq, num_heads * dim), present_key, present_value
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, attention_bias, num_heads,
+      kv_num_heads, scale):
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def _group_query_attention_onnx(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                attention_bias, num_heads: int, kv_num_heads: int, scale: float):
+    """The exporter's translation of `group_query_attention`: one com.microsoft GroupQueryAttention node
+    (no rotary: RoPE was applied from position_ids, which may skip positions after pruning)."""
+    import onnxscript
+
+    gqa = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", _gqa_schema())
+    return gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, None, None, None,
+               attention_bias, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3)
+
+
+def _gqa_schema():
+    """The part of ONNX Runtime's GroupQueryAttention schema the translation uses (onnx ships no schemas of
+    ONNX Runtime's com.microsoft domain; onnxscript needs one to emit the node)."""
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    inputs = [param("query", "T"), param("key", "T", param_option=optional), param("value", "T", param_option=optional),
+              param("past_key", "T", param_option=optional), param("past_value", "T", param_option=optional),
+              param("seqlens_k", "M"), param("total_sequence_length", "M"),
+              param("cos_cache", "T", param_option=optional), param("sin_cache", "T", param_option=optional),
+              param("position_ids", "tensor(int64)", param_option=optional),
+              param("attention_bias", "T", param_option=optional)]
+    outputs = [param("output", "T"), param("present_key", "T"), param("present_value", "T")]
+    attr = OpSchema.Attribute
+    return OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1, inputs=inputs, outputs=outputs,
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[attr("num_heads", OpSchema.AttrType.INT, ""), attr("kv_num_heads", OpSchema.AttrType.INT, ""),
+                    attr("scale", OpSchema.AttrType.FLOAT, "")])
+
+
+ONNX_TRANSLATIONS = {torch.ops.prunevlm.group_query_attention.default: _group_query_attention_onnx}
+
+
+def buffer_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     kv_buffer: _BufferCache | None = None, **kwargs):
+    """transformers' attention interface for `kv_cache="buffer"`: query [B, H, S, Dh], key / value the new
+    tokens' [B, Hkv, S, Dh] -> ([B, S, H, Dh], None); the layer's buffers go through group_query_attention."""
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    past_key, past_value = kv_buffer.past[module.layer_idx]
+    flat = lambda t: t.transpose(1, 2).reshape(batch, seq, -1)  # noqa: E731  [B, S, heads * Dh]
+    out, present_key, present_value = group_query_attention(
+        flat(query), flat(key), flat(value), past_key, past_value, kv_buffer.seqlens_k, kv_buffer.total,
+        attention_mask, heads, kv_heads, float(dim**-0.5 if scaling is None else scaling))
+    kv_buffer.present[module.layer_idx] = (present_key, present_value)
+    return out.view(batch, seq, heads, dim), None
 
 
 def additive_causal_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,41 +204,67 @@ def grouped_attention(module, query, key, value, attention_mask, dropout: float 
     (the whole cache), additive mask [B, 1, S, T] -> ([B, S, H, Dh], None), transformers' attention interface.
 
     HF's eager and SDPA paths expand K and V to H heads (repeat_kv): in the exported graph that is a copy of
-    every layer's whole cache, H/Hkv times, at every decode step. Here the G = H/Hkv query heads of a KV head
-    are stacked as rows of one matmul against that head's keys, so no copy of the cache is made. Same math
-    (softmax in fp32, as SDPA's reference); the parity tests compare the graphs with HF's own attention."""
-    batch, heads, seq, dim = query.shape
-    kv_heads, total = key.shape[1], key.shape[2]
-    group = heads // kv_heads  # query head h = kv * group + g reads KV head kv
-    scale = dim**-0.5 if scaling is None else scaling
-    q = (query * scale).reshape(batch, kv_heads, group * seq, dim)  # rows (g, s) of each KV head; scaled while small
-    scores = torch.matmul(q, key.transpose(-1, -2)).reshape(batch, heads, seq, total)  # a view: same memory order
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, :total]  # [B, 1, S, T]
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype).reshape(batch, kv_heads, group * seq, total)
-    out = torch.matmul(probs, value)  # [B, Hkv, G*S, Dh]
-    return out.reshape(batch, heads, seq, dim).transpose(1, 2), None  # [B, S, H, Dh]
+    every layer's whole cache, H/Hkv times, at every decode step. `_attend` stacks the query heads of a KV head
+    instead. Same math (softmax in fp32, as SDPA's reference); the parity tests compare the graphs with HF's
+    own attention."""
+    total = key.shape[2]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    bias = None if attention_mask is None else attention_mask[:, :, :, :total]
+    return _attend(query, key, value, bias, scale), None
+
+
+BUFFER_ATTENTION = "prunevlm_buffer"
 
 
 def _register_grouped_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+    AttentionInterface.register(BUFFER_ATTENTION, buffer_attention)
 
 
 class _TracedAttention:
     """Within the graph's forward, the decoder's attention layers use `grouped_attention`; the model's own
     setting is put back afterwards (the caller's model, e.g. a reference run next to the export, is unchanged)."""
 
-    def __init__(self, config):
+    def __init__(self, config, name: str = GROUPED_ATTENTION):
         self.config = config
+        self.name = name
 
     def __enter__(self):
         self.saved = self.config._attn_implementation
-        self.config._attn_implementation = GROUPED_ATTENTION
+        self.config._attn_implementation = self.name
 
     def __exit__(self, *exc):
         self.config._attn_implementation = self.saved
+
+
+def _rms_norm_by_division(self, hidden: torch.Tensor) -> torch.Tensor:
+    """HF's Llama-style RMSNorm, weight * x / sqrt(mean(x^2) + eps) in fp32, written with a division: the
+    pattern ONNX Runtime fuses into one SimplifiedLayerNormalization (and with the residual add before it into
+    SkipSimplifiedLayerNormalization). HF's x * rsqrt(...) exports as Sqrt + Reciprocal + Mul, which it does
+    not fuse: six operators per norm, two norms per layer, at every decode step."""
+    dtype = hidden.dtype
+    hidden = hidden.float()
+    hidden = hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * hidden.to(dtype)
+
+
+class _DividingRMSNorm:
+    """While tracing, the decoder's Llama-style RMSNorms (a `weight` and a `variance_epsilon`, the formula of
+    Llama, Mistral, Qwen2, Vicuna) run `_rms_norm_by_division`; put back afterwards."""
+
+    def __init__(self, decoder: nn.Module):
+        self.norms = [m for m in decoder.modules() if hasattr(m, "variance_epsilon") and
+                      isinstance(getattr(m, "weight", None), torch.Tensor) and type(m).__name__.endswith("RMSNorm")]
+
+    def __enter__(self):
+        for norm in self.norms:
+            norm.forward = _rms_norm_by_division.__get__(norm)
+
+    def __exit__(self, *exc):
+        for norm in self.norms:
+            del norm.forward
 
 
 class DecoderGraph(nn.Module):
@@ -134,7 +278,7 @@ class DecoderGraph(nn.Module):
     """
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, layers: range | None = None, rope: bool = False,
-                 grouped: bool = True):
+                 grouped: bool = True, kv_cache: str = "concat"):
         super().__init__()
         for part in ("layers", "norm", "rotary_emb"):
             if not hasattr(decoder, part):
@@ -153,6 +297,7 @@ class DecoderGraph(nn.Module):
         self.last = self.layers.stop == self.num_layers
         self.rope = rope
         self.grouped = grouped  # trace with grouped_attention (else the checkpoint's own attention)
+        self.kv_cache = kv_cache  # "buffer": GroupQueryAttention over buffers written in place (the manifest's)
         cfg = decoder.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -176,16 +321,20 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past_flat):
         past = {index: (past_flat[2 * j], past_flat[2 * j + 1]) for j, index in enumerate(self.layers)}
-        cache = _GraphCache(past)
         hidden = inputs_embeds  # [B, S, D]
         mask = additive_causal_mask(attention_mask, hidden.shape[1], hidden.dtype)  # [B, 1, S, P+S]
         position_embeddings = self.decoder.rotary_emb(hidden, position_ids=position_ids)
-        if not self.grouped:
+        if self.kv_cache == "buffer":
+            cache = _BufferCache(past, attention_mask)
+            with _TracedAttention(self.decoder.config, BUFFER_ATTENTION), _DividingRMSNorm(self.decoder):
+                return self._layers(hidden, mask, position_ids, position_embeddings, cache, kv_buffer=cache)
+        cache = _GraphCache(past)
+        if not self.grouped:  # opset 23: the exporter's own RMSNormalization
             return self._layers(hidden, mask, position_ids, position_embeddings, cache)
-        with _TracedAttention(self.decoder.config):
+        with _TracedAttention(self.decoder.config), _DividingRMSNorm(self.decoder):
             return self._layers(hidden, mask, position_ids, position_embeddings, cache)
 
-    def _layers(self, hidden, mask, position_ids, position_embeddings, cache):
+    def _layers(self, hidden, mask, position_ids, position_embeddings, cache, **attention):
         prune_logits = None
         for index in self.layers:
             layer = self.decoder.layers[index]
@@ -198,19 +347,21 @@ class DecoderGraph(nn.Module):
                 past_key_values=cache,
                 use_cache=True,
                 position_embeddings=position_embeddings,
+                **attention,
             )
         present = [t for index in self.layers for t in cache.present[index]]
         if not self.last:
             return (hidden, prune_logits, *present)
-        hidden = self.decoder.norm(hidden[:, -1])  # [B, D]: only the next-token logits are needed
-        logits = self.lm_head(hidden).float()  # [B, V]
+        hidden = self.decoder.norm(hidden[:, -1:])  # [B, 1, D]: only the next-token logits are needed
+        logits = self.lm_head(hidden)[:, 0].float()  # [B, V] (a MatMul, not a Gemm: --llm-weights int4 reads it)
         return (logits, *present)
 
 
 def llm_spec(decoder: nn.Module, lm_head: nn.Module, file: str, dtype: str = "float32",
-             layers: range | None = None) -> tuple[GraphSpec, dict]:
+             layers: range | None = None, kv_cache: str = "concat") -> tuple[GraphSpec, dict]:
     """Tensor specs of the LLM graph (or of the block running `layers`) and the LLM's dims (the manifest's
     `llm` section)."""
+    past_axis, present_axis = (CAPACITY, CAPACITY) if kv_cache == "buffer" else (PAST, TOTAL)
     cfg = decoder.config
     num_heads = cfg.num_attention_heads
     num_kv = getattr(cfg, "num_key_value_heads", None) or num_heads
@@ -228,9 +379,9 @@ def llm_spec(decoder: nn.Module, lm_head: nn.Module, file: str, dtype: str = "fl
                    TensorSpec(names.PRUNE_LOGITS, "float32", (BATCH, num_heads, SEQUENCE))]
     for i in layers:
         for pattern in (PAST_KEY, PAST_VALUE):
-            inputs.append(TensorSpec(pattern.format(i), dtype, (BATCH, num_kv, PAST, head_dim)))
+            inputs.append(TensorSpec(pattern.format(i), dtype, (BATCH, num_kv, past_axis, head_dim)))
         for pattern in (PRESENT_KEY, PRESENT_VALUE):
-            outputs.append(TensorSpec(pattern.format(i), dtype, (BATCH, num_kv, TOTAL, head_dim)))
+            outputs.append(TensorSpec(pattern.format(i), dtype, (BATCH, num_kv, present_axis, head_dim)))
     dims = dict(
         num_layers=len(decoder.layers),
         num_heads=num_heads,
@@ -245,7 +396,7 @@ def llm_spec(decoder: nn.Module, lm_head: nn.Module, file: str, dtype: str = "fl
 def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4, seed: int = 0) -> dict:
     """Random feeds for tracing and validation: sizes > 1 so torch.export keeps every axis dynamic."""
     gen = torch.Generator().manual_seed(seed)
-    sizes = {BATCH: batch, SEQUENCE: seq, PAST: past, TOTAL: past + seq}
+    sizes = {BATCH: batch, SEQUENCE: seq, PAST: past, TOTAL: past + seq, CAPACITY: past + seq + 3}
     feeds = {}
     for t in spec.inputs:
         shape = [sizes.get(d, d) for d in t.shape]
@@ -261,31 +412,34 @@ def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 3, past: int = 4,
 
 
 def graph_export(decoder: nn.Module, lm_head: nn.Module, spec: GraphSpec, name: str = names.LLM,
-                 layers: range | None = None, rope: bool = False) -> GraphExport:
+                 layers: range | None = None, rope: bool = False, kv_cache: str = "concat") -> GraphExport:
     tolerances = {t.name: Tolerance(1e-4, 1e-4) for t in spec.outputs}
     tolerances[names.LOGITS] = Tolerance(1e-3, 1e-3)
     tolerances[names.PRUNE_LOGITS] = Tolerance(1e-3, 1e-3)
     return GraphExport(
-        name, DecoderGraph(decoder, lm_head, layers, rope).eval(), spec,
+        name, DecoderGraph(decoder, lm_head, layers, rope, kv_cache=kv_cache).eval(), spec,
         lambda seed: example_inputs(spec, *EXAMPLE_SIZES[seed % len(EXAMPLE_SIZES)], seed=seed), tolerances,
         compared=_cache_positions_in_use,
     )
 
 
-def block_exports(decoder: nn.Module, lm_head: nn.Module, bounds: tuple[int, ...], rope: bool) -> list[GraphExport]:
+def block_exports(decoder: nn.Module, lm_head: nn.Module, bounds: tuple[int, ...], rope: bool,
+                  kv_cache: str = "concat") -> list[GraphExport]:
     """The decoder as blocks [bounds[i], bounds[i+1]), graphs names.llm_block(i): one copy of every weight."""
     exports = []
     for i, (start, stop) in enumerate(zip(bounds, bounds[1:])):
         layers = range(start, stop)
-        spec, _ = llm_spec(decoder, lm_head, f"{names.llm_block(i)}.onnx", layers=layers)
-        exports.append(graph_export(decoder, lm_head, spec, names.llm_block(i), layers, rope))
+        spec, _ = llm_spec(decoder, lm_head, f"{names.llm_block(i)}.onnx", layers=layers, kv_cache=kv_cache)
+        exports.append(graph_export(decoder, lm_head, spec, names.llm_block(i), layers, rope, kv_cache))
     return exports
 
 
 def _cache_positions_in_use(feeds: dict, name: str):
     """KV-cache entries at left-padding positions are never attended to; compare only the others."""
     valid = feeds[names.ATTENTION_MASK].numpy().astype(bool)  # [B, P+S]
-    if name.startswith("present."):
+    if name.startswith("present."):  # a KV buffer ([B, Hkv, capacity, Dh]): positions past P+S are not written
+        capacity = next(v.shape[2] for k, v in feeds.items() if k.startswith("past_key_values."))
+        valid = np.pad(valid, ((0, 0), (0, max(0, capacity - valid.shape[1]))))
         return valid[:, None, :, None]  # [B, 1, P+S, 1]
     if name == names.HIDDEN_STATES:  # padding queries' rows are fully masked: never read
         return valid[:, -feeds[names.INPUTS_EMBEDS].shape[1]:, None]  # [B, S, 1]

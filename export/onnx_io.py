@@ -17,6 +17,7 @@ from contract.compare import Comparison, compare
 from contract.errors import ExportError
 from contract.manifest import GraphSpec
 from export.graph import GraphExport
+from export.llm import ONNX_TRANSLATIONS
 from runtime.backends.onnxruntime import OrtRunner
 
 
@@ -46,6 +47,7 @@ def export_graph(graph: GraphExport, directory: Path, opset: int) -> GraphSpec:
             dynamo=True,
             external_data=True,
             optimize=True,
+            custom_translation_table=ONNX_TRANSLATIONS,
         )
     model = onnx.load(os.fspath(path), load_external_data=False)
     _name_axes(model, spec)

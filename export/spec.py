@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.errors import ExportError
+from contract.manifest import LLM_WEIGHTS, TARGETS
 
 OPSETS = range(17, 24)  # 17-20 suit TensorRT's parsers; 23 adds fused Attention/RMSNorm ops for ORT
 
@@ -35,6 +36,8 @@ class ExportOptions:
     reduction: float | None = None  # in-LLM: R in (0, 1); None: the method's default
     grid_stride: int | None = None  # FEATHER: stage-1 grid stride; None: 3
     positions: str | None = None  # "packed" | "original"; None: packed for FasterVLM (in-LLM methods: original)
+    target: str = "standard"  # "standard" (ONNX ops: ONNX Runtime, TensorRT) | "onnxruntime" (GroupQueryAttention)
+    llm_weights: str = "float"  # "float" | "int4": the LLM graphs' linear weights (blocked int4, weight-only)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -79,6 +82,18 @@ class ExportOptions:
             raise ExportError(f"--max-seq-len {self.max_seq_len} is too small; use at least the prompt length")
         if self.dtype not in ("float32", "float16"):
             raise ExportError(f"--dtype {self.dtype!r} is not supported; use float32 or float16")
+        if self.target not in TARGETS:
+            raise ExportError(f"--target {self.target!r} is not supported; use {' or '.join(TARGETS)}")
+        if self.llm_weights not in LLM_WEIGHTS:
+            raise ExportError(f"--llm-weights {self.llm_weights!r} is not supported; use {' or '.join(LLM_WEIGHTS)}")
+        for flag, value in (("--target", self.target), ("--llm-weights", self.llm_weights)):
+            if value not in ("standard", "float") and self.dtype != "float32":
+                raise ExportError(f"{flag} {value} with --dtype {self.dtype} is not supported; use --dtype float32")
+
+    @property
+    def kv_cache(self) -> str:
+        """How the LLM graphs keep the KV cache: in place in a buffer (GroupQueryAttention) or by concat."""
+        return "buffer" if self.target == "onnxruntime" else "concat"
 
     @property
     def in_llm(self) -> bool:

@@ -3,9 +3,11 @@
 Split the way gpt-fast splits it. The cache lives in the runner's bound values (`infer_bound`: ONNX Runtime
 OrtValues with I/O binding, TensorRT device buffers): the `present` outputs of one call are bound as the
 `past` inputs of the next, never converted to numpy or copied by the runtime (the graph's own concat is the
-only copy). An export pruned inside the LLM (FEATHER, FastV) runs as blocks, each with its own cache; at a
-prune point, during prefill, the select graph picks the kept tokens and `gather_kept` builds the next
-block's sequence on the host.
+only copy). A `--target onnxruntime` export (`llm.kv_cache` "buffer") has no copy at all: `KVCache` keeps one
+host buffer per tensor, passed `into` the runner as both past input and present output, and the graph's
+GroupQueryAttention writes the new positions in place. An export pruned inside the LLM (FEATHER, FastV)
+runs as blocks, each with its own cache; at a prune point, during prefill, the select graph picks the kept
+tokens and `gather_kept` builds the next block's sequence on the host.
 """
 
 from __future__ import annotations
@@ -53,20 +55,61 @@ def _is_integer(value) -> bool:
 
 
 class KVCache:
-    """Past keys/values of the layers of one LLM graph (block) as backend values, [B, Hkv, P, Dh] each."""
+    """Past keys/values of the layers of one LLM graph (block), [B, Hkv, P, Dh] each.
+
+    `llm.kv_cache` "concat": backend values, the graph's `present` outputs taken as the next call's `past`.
+    "buffer" (--target onnxruntime): one host array [B, Hkv, capacity, Dh] per tensor, bound as both past and
+    present; the graph writes the new positions in place. Capacity grows (doubling, a copy of the filled
+    positions) only when a call would overflow it, up to llm.max_seq_len: no allocation or copy per step."""
+
+    GRANULE = 256  # buffer capacity: the first call's length plus at least this, a multiple of it
 
     def __init__(self, llm: LLMSpec, batch: int, dtype=np.float32, layers: range | None = None):
-        empty = np.zeros((batch, llm.num_kv_heads, 0, llm.head_dim), dtype=dtype)
         self.llm = llm
+        self.buffered = llm.kv_cache == "buffer"
         self.past, self.present = llm.cache_names(layers)
+        empty = np.zeros((batch, llm.num_kv_heads, 0, llm.head_dim), dtype=dtype)
         self.values: dict[str, object] = {name: empty for name in self.past}
         self.length = 0
 
+    def reserve(self, new_tokens: int) -> dict[str, np.ndarray]:
+        """Before a call that adds `new_tokens`: the arrays its present outputs go `into` (buffer mode; {}
+        otherwise), grown if they would overflow."""
+        if not self.buffered:
+            return {}
+        needed = self.length + new_tokens
+        capacity = next(iter(self.values.values())).shape[2]
+        if needed > capacity:
+            granules = -(-(needed + self.GRANULE) // self.GRANULE)
+            capacity = min(max(granules * self.GRANULE, 2 * capacity), max(self.llm.max_seq_len, needed))
+            for name, old in self.values.items():
+                grown = np.zeros((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
+                grown[:, :, :self.length] = old[:, :, :self.length]
+                self.values[name] = grown
+        return {present: self.values[past] for past, present in zip(self.past, self.present)}
+
     def update(self, outputs: dict, new_tokens: int) -> None:
-        """Take the graph's `present` outputs as the next call's `past` inputs (no copy)."""
-        for past, present in zip(self.past, self.present):
-            self.values[past] = outputs[present]
+        """Take the graph's `present` outputs as the next call's `past` inputs (no copy; in buffer mode they
+        are the same arrays already)."""
+        if not self.buffered:
+            for past, present in zip(self.past, self.present):
+                self.values[past] = outputs[present]
         self.length += new_tokens
+
+    def filled(self) -> dict[str, np.ndarray]:
+        """The cache as host arrays [B, Hkv, P, Dh] (a copy)."""
+        return {name: to_numpy(value)[:, :, :self.length].copy() for name, value in self.values.items()}
+
+    def load(self, values: dict[str, np.ndarray], length: int) -> None:
+        """Start from the given cache [B, Hkv, P, Dh] per tensor (a prompt prefix)."""
+        self.values, self.length = dict(values), length
+        if self.buffered:  # copied into buffers with room for what follows
+            self.values = {name: value[:, :, :0] for name, value in values.items()}
+            self.length = 0
+            self.reserve(length)
+            for name, value in values.items():
+                self.values[name][:, :, :length] = value
+            self.length = length
 
 
 @dataclass(frozen=True)
@@ -135,14 +178,25 @@ class Generator:
 
     def _block(self, state: DecodeState, index: int, hidden, position_ids: np.ndarray) -> dict:
         block, cache = self.blocks[index], state.caches[index]
+        into = cache.reserve(position_ids.shape[1])
         feeds = {
             names.INPUTS_EMBEDS: hidden,
             names.ATTENTION_MASK: state.masks[index],
             names.POSITION_IDS: position_ids,
             **cache.values,
         }
-        outputs = block.runner.infer_bound(feeds)
-        cache.update(outputs, position_ids.shape[1])
+        batch, seq = position_ids.shape
+        if not into:
+            outputs = block.runner.infer_bound(feeds)
+        elif batch == 1 or seq == 1 or cache.length == 0:
+            outputs = block.runner.infer_bound(feeds, into=into)
+        else:  # GroupQueryAttention takes several new tokens after a past (a prompt prefix) one row at a time;
+            # a row of a buffer is a contiguous view, written in place like the whole
+            rows = [block.runner.infer_bound({k: v[r:r + 1] for k, v in feeds.items()},
+                                             into={k: v[r:r + 1] for k, v in into.items()}) for r in range(batch)]
+            outputs = {k: np.concatenate([to_numpy(row[k]) for row in rows]) for k in rows[0] if k not in into}
+            outputs.update(into)
+        cache.update(outputs, seq)
         return outputs
 
     def prefill(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, prefix: Prefix | None = None,
@@ -161,8 +215,8 @@ class Generator:
             if len(self.blocks) != 1:
                 raise InputError("a cached prompt prefix needs an export with one LLM graph (not FEATHER / FastV)")
             attention_mask = np.concatenate([np.ones((batch, prefix.length), np.int64), attention_mask], axis=1)
-            caches[0].values = {name: np.repeat(value, batch, axis=0) for name, value in prefix.values.items()}
-            caches[0].length = prefix.length
+            caches[0].load({name: np.repeat(value, batch, axis=0) for name, value in prefix.values.items()},
+                           prefix.length)
         if position_ids is None:
             position_ids = prefill_position_ids(attention_mask)[:, attention_mask.shape[1] - inputs_embeds.shape[1]:]
         mask = attention_mask.astype(np.int64)
@@ -199,13 +253,13 @@ class Generator:
                 to_numpy(outputs[names.HIDDEN_STATES]), mask, position_ids, window, slots, valid)
             window_valid = valid.astype(np.int64)
         state.graph_times.append(time.perf_counter() - start)
-        return state, outputs[names.LOGITS].numpy()
+        return state, to_numpy(outputs[names.LOGITS])
 
     def compute_prefix(self, inputs_embeds: np.ndarray) -> Prefix:
         """The KV cache of a fixed leading text, inputs_embeds [1, P, D], read back to host arrays once: every
         later prefill feeds the same arrays (a backend may reuse its output buffers between calls)."""
         state, _ = self.prefill(inputs_embeds, np.ones(inputs_embeds.shape[:2], np.int64))
-        return Prefix({name: to_numpy(value) for name, value in state.cache.values.items()}, inputs_embeds.shape[1])
+        return Prefix(state.cache.filled(), inputs_embeds.shape[1])
 
     def decode_one_token(self, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
         """tokens [B] -> next-token logits [B, V]. Every block appends the token to its own cache."""
@@ -221,7 +275,17 @@ class Generator:
             outputs = self._block(state, index, hidden, position_ids)
             hidden = outputs.get(names.HIDDEN_STATES)  # stays in the backend's memory
         state.graph_times.append(time.perf_counter() - start)
-        return outputs[names.LOGITS].numpy()
+        return to_numpy(outputs[names.LOGITS])
+
+    def teacher_forced(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [N] (one row) -> next-token logits after each prefix ids[:1], ..., ids[:N-1], [N-1, V]: the
+        first token prefilled alone, then one real token per decode step. What a quality measurement compares
+        (a low-bit LLM graph against the float one, on the same text)."""
+        state, logits = self.prefill(self.embeddings[ids[:1]][None], np.ones((1, 1), np.int64))
+        out = [logits[0]]
+        for token in ids[1:-1]:
+            out.append(self.decode_one_token(state, np.array([token]))[0])
+        return np.stack(out)
 
     def decode_n_tokens(self, state: DecodeState, logits: np.ndarray, max_new_tokens: int,
                         sampling: SamplingOptions) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -103,6 +103,12 @@ EXPORT_CASES = {
                                     ["--positions original", "--keep 576", "drop --positions"]),
     "feather-float16": (["llava15", "--method", "feather", "--dtype", "float16", "--model", "tiny"],
                         ["--dtype float16", "float32"]),
+    "target-float16": (["llava15", "--keep", "32", "--target", "onnxruntime", "--dtype", "float16", "--model", "tiny"],
+                       ["--target onnxruntime", "--dtype float16", "--dtype float32"]),
+    "int4-float16": (["llava15", "--keep", "32", "--llm-weights", "int4", "--dtype", "float16", "--model", "tiny"],
+                     ["--llm-weights int4", "--dtype float16", "--dtype float32"]),
+    "target-unknown": (["llava15", "--keep", "32", "--target", "tensorrt", "--model", "tiny"],
+                       ["--target", "'tensorrt'", "onnxruntime"]),
     "reduction-keeps-nothing": (["llava15", "--method", "feather", "--reduction", "0.99", "--model", "tiny",
                                  "--no-validate"], ["--reduction 0.99", "layer 2 keeps no token", "smaller --reduction"]),
 }
@@ -279,9 +285,13 @@ DAMAGES = {
     ),
     "manifest-other-version": (
         lambda d: _edit_manifest(d, lambda m: m.update(format_version=1)),
-        ["{dir}/manifest.json", "format_version 1", "format_version 4", "re-export"],
+        ["{dir}/manifest.json", "format_version 1", "format_version 5", "re-export"],
     ),
     "manifest-missing": (lambda d: (d / "manifest.json").unlink(), ["{dir}/manifest.json", "missing"]),
+    "manifest-target-unknown": (lambda d: _edit_manifest(d, lambda m: m.update(target="gpu")),
+                                ["target='gpu'", "standard, onnxruntime"]),
+    "manifest-buffer-without-target": (lambda d: _edit_manifest(d, lambda m: m["llm"].update(kv_cache="buffer")),
+                                       ["llm.kv_cache=buffer", "target onnxruntime"]),
     "embeddings-truncated": (
         lambda d: (d / "embed_tokens.npy").write_bytes((d / "embed_tokens.npy").read_bytes()[:1000]),
         ["{dir}/embed_tokens.npy", "re-export"],

@@ -63,16 +63,19 @@ def assert_same(results, gen: ref.Generation) -> None:
 
 
 CASES = [
-    ("feather", ["astronaut"], PROMPTS[:1]),
-    ("feather", ["chelsea", "portrait"], [PROMPTS[2], PROMPTS[0]]),  # batch 2, left padding, unions of 217 and 219
-    ("fastv", ["coffee", "portrait"], [PROMPTS[2], PROMPTS[0]]),
+    ("feather", ["astronaut"], PROMPTS[:1], "standard"),
+    ("feather", ["chelsea", "portrait"], [PROMPTS[2], PROMPTS[0]], "standard"),  # batch 2, left padding, unions of 217 and 219
+    ("fastv", ["coffee", "portrait"], [PROMPTS[2], PROMPTS[0]], "standard"),
+    # every block's attention as GroupQueryAttention over its own KV buffers, written in place
+    ("feather", ["chelsea", "portrait"], [PROMPTS[2], PROMPTS[0]], "onnxruntime"),
 ]
 
 
-@pytest.mark.parametrize("method,names,prompts", CASES, ids=[f"{c[0]}-{'+'.join(c[1])}" for c in CASES])
-def test_export_matches_reference(method, names, prompts, tiny, photos, pipes):
+@pytest.mark.parametrize("method,names,prompts,target", CASES, ids=[f"{c[0]}-{'+'.join(c[1])}-{c[3]}" for c in CASES])
+def test_export_matches_reference(method, names, prompts, target, tiny, photos, pipes):
     model, processor = tiny
-    pipe = pipes(method)
+    pipe = pipes(method, **({} if target == "standard" else {"target": target}))
+    assert pipe.manifest.target == target
     images = [photos[n] for n in names]
     inputs_embeds, mask, positions, _ = embeds(model, processor, images, prompts)
     gen = reference_run(model, pipe, inputs_embeds, mask, positions)

@@ -42,8 +42,10 @@ class Runner(Protocol):
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on checked feeds; numpy outputs by name."""
 
-    def infer_bound(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Run on checked feeds (numpy or this backend's values); outputs stay in the backend's memory."""
+    def infer_bound(self, feeds: Mapping[str, Any], into: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Run on checked feeds (numpy or this backend's values); outputs stay in the backend's memory.
+        `into` (output name -> host array, which may also be a feed): write those outputs there in place, for
+        an export whose KV cache is a buffer (`llm.kv_cache` "buffer", ONNX Runtime only)."""
 
 
 def activate_all(runners: Mapping[str, Runner]) -> dict[str, Runner]:

@@ -85,22 +85,31 @@ class OrtRunner:
         names = [t.name for t in self.spec.outputs]
         return dict(zip(names, self.session.run(names, feeds)))
 
-    def infer_bound(self, feeds: dict[str, "np.ndarray | ort.OrtValue"], device: str = "cpu") -> dict[str, ort.OrtValue]:
+    def infer_bound(self, feeds: dict[str, "np.ndarray | ort.OrtValue"], into: dict[str, np.ndarray] | None = None,
+                    device: str = "cpu") -> dict[str, "ort.OrtValue | np.ndarray"]:
         """Run with I/O binding: feeds may be OrtValues produced by an earlier call (a KV cache), outputs
-        stay OrtValues on `device`, so nothing is converted to numpy or copied between calls."""
+        stay OrtValues on `device`, so nothing is converted to numpy or copied between calls. `into`: outputs
+        written into these host arrays instead (returned as they are); an array that is also a feed is bound
+        as both, by address (a KV buffer that GroupQueryAttention updates in place)."""
         self._require_active()
         check_feeds(self.spec, feeds, _describe)
+        into = into or {}
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
+            elif any(value is target for target in into.values()):
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))  # no copy
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for t in self.spec.outputs:
-            binding.bind_output(t.name, device)
+            if t.name in into:
+                binding.bind_ortvalue_output(t.name, ort.OrtValue.ortvalue_from_numpy(into[t.name]))
+            else:
+                binding.bind_output(t.name, device)
         self.session.run_with_iobinding(binding)
-        names = [t.name for t in self.spec.outputs]
-        return dict(zip(names, binding.get_outputs()))
+        outputs = dict(zip([t.name for t in self.spec.outputs], binding.get_outputs()))
+        return {**outputs, **into}
 
     def _require_active(self) -> None:
         if self.session is None:

@@ -242,11 +242,14 @@ class TrtRunner:
         """Run on numpy (or device) feeds; returns numpy outputs by name."""
         return {name: value.numpy() for name, value in self.infer_bound(feeds).items()}
 
-    def infer_bound(self, feeds: dict) -> dict[str, DeviceTensor]:
+    def infer_bound(self, feeds: dict, into: dict | None = None) -> dict[str, DeviceTensor]:
         """Run with outputs left on the device. A DeviceTensor feed is bound by address (a KV cache from the
         previous step, an output of another engine); a numpy feed is copied into this runner's buffer. The
-        stream is synchronised before returning, so host clocks around a call measure the engine."""
+        stream is synchronised before returning, so host clocks around a call measure the engine. `into` (a
+        host KV buffer, --target onnxruntime exports only) is refused: `load` never accepts such an export."""
         self._require_active()
+        if into:
+            raise InputError(f"{self.graph!r}: TensorRT engines do not write outputs into host buffers (`into`)")
         check_feeds(self.spec, feeds)  # DeviceTensors are described by their .shape and .dtype, as arrays
         shapes = {name: tuple(int(d) for d in value.shape) for name, value in feeds.items()}
         profile = self._choose_profile(shapes)
@@ -357,6 +360,10 @@ class DeviceSplicer(HostSplicer):
 
 def load(directory: Path, manifest: Manifest, cuda_graphs: bool = False) -> tuple[dict[str, TrtRunner], DeviceSplicer]:
     """Active runners for every engine of the export directory, and the device splice step."""
+    if manifest.target != "standard":
+        raise ManifestError(f"{directory} was exported with --target {manifest.target} (ONNX Runtime's own attention "
+                            "operator): TensorRT runs --target standard exports only; re-export, or use the "
+                            "onnxruntime backend")
     for name in manifest.graphs:  # every missing or stale engine is found before TensorRT is imported
         engine_meta.check_engine(directory, name)
     runners = activate_all({name: TrtRunner(directory, name, spec, cuda_graphs) for name, spec in manifest.graphs.items()})

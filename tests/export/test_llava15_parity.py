@@ -112,3 +112,66 @@ def test_opset23_export_matches_hf_generate(photos, tiny, tiny_checkpoint, tmp_p
     ref, _ = reference.generate(model, inputs, 32, NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
     results = Pipeline.load(out).generate(images, prompts, max_new_tokens=NEW_TOKENS, return_logits=True)
     assert_same_generation(results, ref.sequences, ref.logits, {model.generation_config.eos_token_id})
+
+
+def test_onnxruntime_target_matches_hf_generate(photos, tiny, export_dir, pipeline):
+    """--target onnxruntime (GroupQueryAttention over KV buffers the graph writes in place), batch 2 with left
+    padding, K=32: same tokens and logits as the PyTorch reference. A cached prompt prefix (what the perception
+    loop uses; batch 2 runs row by row there) gives the standard export's logits. TensorRT refuses the export."""
+    from contract.errors import ManifestError
+    from runtime import Pipeline
+
+    model, processor = tiny
+    directory = export_dir("llava15", 32, target="onnxruntime")
+    pipe = Pipeline.load(directory)
+    assert (pipe.manifest.target, pipe.manifest.llm.kv_cache) == ("onnxruntime", "buffer")
+    images, prompts = [photos["rocket"], photos["coffee"]], [PROMPTS[1], PROMPTS[2]]
+    inputs = hf_inputs(processor, images, prompts)
+    ref, _ = reference.generate(model, inputs, 32, NEW_TOKENS, output_logits=True, return_dict_in_generate=True)
+    results = pipe.generate(images, prompts, max_new_tokens=NEW_TOKENS, return_logits=True)
+    assert_same_generation(results, ref.sequences, ref.logits, {model.generation_config.eos_token_id})
+
+    embeddings = pipe.generator.embeddings
+    ids = np.random.default_rng(0).integers(0, len(embeddings), 12)
+    rows = np.stack([embeddings[ids[5:]], embeddings[ids[5:]][::-1]])  # [2, 7, D] after a 5-token prefix
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :2] = 0
+    logits = {}
+    for name, generator in (("standard", pipeline(32).generator), ("onnxruntime", pipe.generator)):
+        state, step = generator.prefill(rows, mask, prefix=generator.compute_prefix(embeddings[ids[:5]][None]))
+        logits[name] = [step]
+        for _ in range(4):
+            logits[name].append(generator.decode_one_token(state, logits[name][-1].argmax(-1)))
+    np.testing.assert_allclose(np.stack(logits["onnxruntime"]), np.stack(logits["standard"]), atol=LOGIT_ATOL)
+    with pytest.raises(ManifestError, match="--target onnxruntime"):
+        Pipeline.load(directory, backend="trt")
+
+
+def test_int4_llm_weights(photos, export_dir, pipeline):
+    """--llm-weights int4: every linear layer of the LLM graph (lm_head included) reads int4 weights through a
+    blocked DequantizeLinear; the vision and projector graphs are the float ones; it answers. (Quality is
+    measured on real weights: tests/export/test_llm_real_weights.py.)"""
+    import onnx
+
+    from runtime import Pipeline
+
+    directory = export_dir("llava15", 32, llm_weights="int4")
+    pipe = Pipeline.load(directory)
+    assert pipe.manifest.llm.weights == "int4"
+    model = onnx.load(str(directory / "llm.onnx"), load_external_data=False)
+    initializers = {i.name: i for i in model.graph.initializer}
+    produced = {out: node for node in model.graph.node for out in node.output}
+    linear = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in produced
+              and produced[n.input[1]].op_type == "DequantizeLinear"]
+    config = pipe.manifest.llm
+    assert len(linear) == 7 * config.num_layers + 1  # q, k, v, o, gate, up, down per layer; lm_head
+    for node in linear:
+        dequantize = produced[node.input[1]]
+        assert initializers[dequantize.input[0]].data_type == onnx.TensorProto.INT4
+        assert {a.name: a.i for a in dequantize.attribute}["block_size"] == 32
+    float_dir = export_dir("llava15", 32)
+    assert (directory / "llm.onnx.data").stat().st_size < (float_dir / "llm.onnx.data").stat().st_size / 4
+    for name in ("vision.onnx.data", "projector.onnx.data"):
+        assert (directory / name).read_bytes() == (float_dir / name).read_bytes()
+    result = pipe.generate(photos["astronaut"], PROMPTS[0], max_new_tokens=8)
+    assert len(result.token_ids) == 8
