@@ -31,7 +31,7 @@ from calibration import data, evaluate, nodes, ptq
 from calibration.options import TARGETS, CalibrationError, CalibrationOptions
 from contract import names, onnx_walk
 from contract.errors import UserError
-from contract.files import locked, partial_dir, quoted, require_replaceable_file, signals_raise
+from contract.files import check_terminated, locked, partial_dir, quoted, require_replaceable_file, signals_raise
 from contract.manifest import MANIFEST_FILE, TOOLKIT_VERSION, Manifest, check_files
 from contract.progress import Progress as Log
 
@@ -324,6 +324,7 @@ def _install(tmp: Path, out: Path, files: list[Path], record: dict, listed: set[
     into `tmp`; if any step fails, the new files are removed and the old ones put back, so `out` holds
     either the previous state or the new one. Then calibration sets that the previous record `listed` and
     no entry refers to any more are deleted (never a file prunevlm did not write)."""
+    check_terminated()  # a SIGTERM whose exception a finalizer swallowed: nothing is installed
     (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     aside = tmp / "replaced"
     aside.mkdir()

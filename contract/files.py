@@ -54,6 +54,12 @@ def quoted(path: Path | str) -> str:
     return repr(str(path))
 
 
+# The signal that arrived under `signals_raise`, if any. Its handler raises, but Python ignores an exception
+# raised inside a finalizer (a `__del__` the signal happened to interrupt, e.g. during garbage collection in a
+# library): `check_terminated` raises it again before anything is committed.
+_terminated: list[int] = []
+
+
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """While active, SIGTERM and SIGHUP raise `Terminated` (once: a second one during cleanup is dropped).
@@ -61,12 +67,11 @@ def signals_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = False
+    _terminated.clear()
 
     def handler(signum, frame):
-        nonlocal fired
-        if not fired:
-            fired = True
+        if not _terminated:
+            _terminated.append(signum)
             raise Terminated(signum)
 
     previous = {}
@@ -78,6 +83,13 @@ def signals_raise() -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, signal.SIG_DFL if old is None else old)
+        _terminated.clear()
+
+
+def check_terminated() -> None:
+    """Raise `Terminated` if a signal arrived under `signals_raise` whose exception was swallowed (above)."""
+    if _terminated:
+        raise Terminated(_terminated[0])
 
 
 @contextlib.contextmanager
@@ -328,6 +340,7 @@ def replacing(out: Path, force: bool, error: Error, what: str = "--out") -> Iter
             kind = _existing(out, force, what, error)  # again: the first look was not under the lock
             with partial_dir(out.parent, out.name, label, error) as tmp:
                 yield tmp
+                check_terminated()
                 try:
                     with _signals_blocked():
                         _swap(tmp, out, kind)
@@ -354,6 +367,7 @@ def atomic_file(path: Path, error: Error, what: str = "output") -> Iterator[Bina
             yield f
             f.flush()
             os.fsync(f.fileno())
+        check_terminated()
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as exc:
