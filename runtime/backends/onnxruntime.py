@@ -94,11 +94,12 @@ class OrtRunner:
         self._require_active()
         check_feeds(self.spec, feeds, _describe)
         into = into or {}
+        shared = {id(target) for target in into.values()}  # one set per call, not a scan per feed
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
-            elif any(value is target for target in into.values()):
+            elif id(value) in shared:
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))  # no copy
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
