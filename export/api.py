@@ -88,13 +88,17 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
     modalities = family.modalities(model, processor, method, directory, layout)
     exports = family.graphs(model, method)
     llm_pruning = None
+    text_config = model.config.get_text_config()
+    max_seq_len = options.max_seq_len or text_config.max_position_embeddings
     if pruning is not None:
         exports = [g for g in exports if g.name != names.LLM]
-        new_exports, llm_pruning = _llm_pruning(text_decoder, lm_head, method, modalities, *pruning, options.kv_cache)
+        new_exports, llm_pruning = _llm_pruning(text_decoder, lm_head, method, modalities, *pruning, options.kv_cache,
+                                                max_seq_len)
         exports += new_exports
     elif options.kv_cache != "concat":  # the family's LLM graph, with the KV cache the target asks for
         spec, _ = llm.llm_spec(text_decoder, lm_head, "llm.onnx", kv_cache=options.kv_cache)
-        exports = [llm.graph_export(text_decoder, lm_head, spec, kv_cache=options.kv_cache) if g.name == names.LLM
+        exports = [llm.graph_export(text_decoder, lm_head, spec, kv_cache=options.kv_cache, max_positions=max_seq_len)
+                   if g.name == names.LLM
                    else g for g in exports]
     for graph in exports:  # opset 23+: the checkpoint's SDPA becomes ONNX's fused Attention; before, grouped
         if isinstance(graph.module, llm.DecoderGraph):
@@ -128,7 +132,6 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
     _, dims = llm.llm_spec(text_decoder, lm_head, "llm.onnx")
     np.save(directory / EMBEDDINGS_FILE, text_decoder.embed_tokens.weight.detach().float().numpy())
     prompt = _save_tokenizer(processor, directory)
-    text_config = model.config.get_text_config()
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = text_config.eos_token_id
@@ -136,7 +139,6 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else eos_ids[0]
-    max_seq_len = options.max_seq_len or text_config.max_position_embeddings
     manifest = Manifest(
         family=family.NAME,
         method=method,
@@ -175,14 +177,14 @@ def _check_stages(method, layers: tuple[int, ...], reduction: float, stride: int
 
 
 def _llm_pruning(decoder, lm_head, method, modalities: dict, layers: tuple[int, ...], reduction: float,
-                 stride: int, kv_cache: str) -> tuple[list, PruningSpec]:
+                 stride: int, kv_cache: str, max_positions: int) -> tuple[list, PruningSpec]:
     """FEATHER / FastV: the decoder blocks between the prune layers, and per modality one select graph per
     stage. Stage s of FEATHER keeps int(n (1-R)^s) by score of the n tokens left (stage 1 also the uniform
     grid of every sub-image); FastV's single stage keeps int(n (1-R))."""
     from export import feather
 
     rope = method.name == "fastv"
-    exports = llm.block_exports(decoder, lm_head, (0, *layers, len(decoder.layers)), rope, kv_cache)
+    exports = llm.block_exports(decoder, lm_head, (0, *layers, len(decoder.layers)), rope, kv_cache, max_positions)
     heads = decoder.config.num_attention_heads
     select = {}
     for modality, spec in modalities.items():
