@@ -56,7 +56,8 @@ TARGETS = ("standard", "onnxruntime")
 # "buffer" (one preallocated [B, Hkv, capacity, Dh] buffer per tensor, bound as both past and present and
 # written in place at positions P..P+S-1).
 KV_CACHES = ("concat", "buffer")
-LLM_WEIGHTS = ("float", "int4")  # the LLM graphs' linear weights: as `precision`, or blocked int4 (weight-only)
+LLM_WEIGHTS = ("float", "int4", "int8")  # the LLM graphs' linear weights: as `precision`, or blocked int4 / int8
+# (weight-only; int8 is ONNX Runtime's MatMulNBits, --target onnxruntime only)
 PRECISIONS = ("float32", "float16")  # the graphs' compute precision (inputs and outputs are float32 either way)
 NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32"}
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is ~10 KB (+ the chat template); read at most this much

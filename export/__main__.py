@@ -64,7 +64,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--llm-weights", default="float",
                    help="float (default), or int4: the LLM graphs' linear weights (lm_head included) as blocked int4 "
                    "(block 32, symmetric; DequantizeLinear -> MatMul, opset 21, which ONNX Runtime runs as "
-                   "MatMulNBits); the vision and projector graphs stay float")
+                   "MatMulNBits); or int8 (with --target onnxruntime: ONNX Runtime's MatMulNBits with 8-bit weights, "
+                   "block 32; slower than int4, much closer to float); the vision and projector graphs stay float")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

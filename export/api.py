@@ -123,11 +123,11 @@ def _write(directory: Path, family, model, processor, method, layout: str, optio
         from export import precision
 
         specs = precision.run(directory, exports, specs, options.validate, progress)
-    if options.llm_weights == "int4":
+    if options.llm_weights != "float":
         from export import weights
 
         llm_graphs = [g.name for g in exports if isinstance(g.module, llm.DecoderGraph)]
-        specs = weights.quantize_int4(directory, specs, llm_graphs, progress)
+        specs = weights.quantize(directory, specs, llm_graphs, options.llm_weights, progress)
 
     _, dims = llm.llm_spec(text_decoder, lm_head, "llm.onnx")
     np.save(directory / EMBEDDINGS_FILE, text_decoder.embed_tokens.weight.detach().float().numpy())

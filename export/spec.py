@@ -37,7 +37,7 @@ class ExportOptions:
     grid_stride: int | None = None  # FEATHER: stage-1 grid stride; None: 3
     positions: str | None = None  # "packed" | "original"; None: packed for FasterVLM (in-LLM methods: original)
     target: str = "standard"  # "standard" (ONNX ops: ONNX Runtime, TensorRT) | "onnxruntime" (GroupQueryAttention)
-    llm_weights: str = "float"  # "float" | "int4": the LLM graphs' linear weights (blocked int4, weight-only)
+    llm_weights: str = "float"  # "float" | "int4" | "int8": the LLM graphs' linear weights (weight-only)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +86,9 @@ class ExportOptions:
             raise ExportError(f"--target {self.target!r} is not supported; use {' or '.join(TARGETS)}")
         if self.llm_weights not in LLM_WEIGHTS:
             raise ExportError(f"--llm-weights {self.llm_weights!r} is not supported; use {' or '.join(LLM_WEIGHTS)}")
+        if self.llm_weights == "int8" and self.target != "onnxruntime":
+            raise ExportError("--llm-weights int8 is ONNX Runtime's MatMulNBits operator: use it with --target onnxruntime "
+                              "(--target standard takes --llm-weights int4 or float)")
         for flag, value in (("--target", self.target), ("--llm-weights", self.llm_weights)):
             if value not in ("standard", "float") and self.dtype != "float32":
                 raise ExportError(f"{flag} {value} with --dtype {self.dtype} is not supported; use --dtype float32")

@@ -1,11 +1,15 @@
-"""`--llm-weights int4`: the LLM graphs' linear weights as blocked int4, weight-only.
+"""`--llm-weights int4 | int8`: the LLM graphs' linear weights (lm_head included) quantized, weight-only.
 
 ONNX Runtime's own weight-only quantizer (`MatMulNBitsQuantizer`, round-to-nearest, symmetric, blocks of 32
-along the input dimension) in its QDQ form: each weight becomes an int4 initializer and a blocked
-DequantizeLinear (opset 21) in front of the unchanged MatMul. Standard operators only: ONNX Runtime fuses
-DequantizeLinear -> MatMul into its MatMulNBits kernel (int8 compute on CPU), TensorRT reads the pair as
-weight-only INT4 quantization. Activations, the KV cache, norms and the vision side stay float; the embedding
-table the runtime looks tokens up in stays float32.
+along the input dimension).
+- int4, in its QDQ form: each weight becomes an int4 initializer and a blocked DequantizeLinear (opset 21) in
+  front of the unchanged MatMul. Standard operators only: ONNX Runtime fuses DequantizeLinear -> MatMul into
+  its MatMulNBits kernel (int8 compute on CPU), TensorRT reads the pair as weight-only INT4 quantization.
+- int8 (`--target onnxruntime` only): ONNX Runtime's com.microsoft MatMulNBits with 8-bit weights directly
+  (the quantizer has no QDQ form for 8 bits), accuracy level 4 (int8 compute, the fast CPU kernel).
+Activations, the KV cache, norms and the vision side stay float; the embedding table the runtime looks tokens
+up in stays float32. Quality on real weights (SmolLM2-135M, teacher-forced next-token agreement with fp32 on
+QUALITY_TEXT): int4 ~57 %, int8 96 % (scripts/bench_llm.py, README).
 """
 
 from __future__ import annotations
@@ -34,18 +38,27 @@ QUALITY_TEXT = (
 LLM_OPSET = 21  # blocked DequantizeLinear
 
 
-def quantize_int4(directory: Path, specs: dict[str, GraphSpec], keys: list[str], progress: Progress) -> dict[str, GraphSpec]:
-    """Rewrite the graphs `keys` (the LLM graphs) of `directory` with int4 weights; returns the updated specs."""
+BITS = {"int4": 4, "int8": 8}
+ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations: the fast CPU kernel (level 0 unpacks per call)
+
+
+def quantize(directory: Path, specs: dict[str, GraphSpec], keys: list[str], weights: str,
+             progress: Progress) -> dict[str, GraphSpec]:
+    """Rewrite the graphs `keys` (the LLM graphs) of `directory` with `weights` ("int4" | "int8") weights;
+    returns the updated specs."""
     import onnx
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     specs = dict(specs)
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, quant_format=QuantFormat.QDQ, bits=4)
+    bits = BITS[weights]
+    form = QuantFormat.QDQ if bits == 4 else QuantFormat.QOperator
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, quant_format=form, bits=bits,
+                                          accuracy_level=ACCURACY_LEVEL)
     for key in keys:
         spec = specs[key]
         path = directory / spec.file
-        with progress.step(f"quantizing {key} weights to int4 (blocks of {BLOCK_SIZE})"):
+        with progress.step(f"quantizing {key} weights to {weights} (blocks of {BLOCK_SIZE})"):
             quantizer_log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
             level = quantizer_log.level
             # It logs every node it visits, and warns that it raises the opset to 21 (blocked int4 needs it):

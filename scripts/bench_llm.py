@@ -11,6 +11,7 @@ prunevlm variants (export/llm.py graphs of SmolLM2, run by the runtime's own gen
                        written in place
     standard-int4      --llm-weights int4: blocked int4 DequantizeLinear -> MatMul (ONNX Runtime: MatMulNBits)
     onnxruntime-int4   both
+    onnxruntime-int8   --target onnxruntime --llm-weights int8: MatMulNBits with 8-bit weights (block 32)
 Peers (run only when importable; this script installs nothing, a line says what was skipped):
     ort-genai-fp32 / ort-genai-int4   onnxruntime-genai's model builder (`pip install onnxruntime-genai==0.18.0`),
                                       exclude_embeds=false, prune_lm_head=true (last-token LM head, as prunevlm)
@@ -18,7 +19,7 @@ Peers (run only when importable; this script installs nothing, a line says what 
                                       llama-cpp-python==0.3.36`, a ~13-minute build), the Q4_1 GGUF the weights
                                       come from, and its f16 requantization
 Reported: prefill of a 600-token and a 60-token prompt, decode tokens/s after the 600-token prompt, greedy
-tokens against the first variant, and for int4 variants the quality on real text: teacher-forced next-token
+tokens against the first variant, and for int4 / int8 variants the quality on real text: teacher-forced next-token
 agreement with fp32 and the mean KL(fp32 || int4) over every position of a held text.
 """
 
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TEXT = ("Robots that sort apples look at each fruit, decide where it goes, and move on. " * 40).strip()
-PRUNEVLM = ("standard", "onnxruntime", "standard-int4", "onnxruntime-int4")
+PRUNEVLM = ("standard", "onnxruntime", "standard-int4", "onnxruntime-int4", "onnxruntime-int8")
 PEERS = ("ort-genai-fp32", "ort-genai-int4", "llama.cpp-q4_1", "llama.cpp-f16")
 
 
@@ -81,9 +82,9 @@ def export_prunevlm(work: Path, name: str, model) -> Path:
         np.save(directory / "embed_tokens.npy", model.model.embed_tokens.weight.detach().numpy())
         data = {"spec": asdict(spec), "dims": {**dims, "kv_cache": kv_cache}}
     if bits:
-        specs = weights.quantize_int4(directory, {"llm": graph_spec(data["spec"])}, ["llm"], Progress())
+        specs = weights.quantize(directory, {"llm": graph_spec(data["spec"])}, ["llm"], bits, Progress())
         data["spec"] = asdict(specs["llm"])
-        data["dims"]["weights"] = "int4"
+        data["dims"]["weights"] = bits
     (directory / "spec.json").write_text(json.dumps(data))
     return directory
 
@@ -300,7 +301,7 @@ def main() -> None:
                          f"prefill 600 {result[name]['prefill_600_s'] / result[base]['prefill_600_s']:.2f}x as long")
     reference = next((n for n in ("standard", "onnxruntime") if n in runners), None)
     for name in runners:
-        if name.endswith("int4") and name in PRUNEVLM and reference:
+        if name.endswith(("int4", "int8")) and name in PRUNEVLM and reference:
             result[name]["quality"] = q = quality(runners[reference], runners[name], held)
             lines.append(f"{name} vs {reference} (fp32), teacher-forced on {q['positions']} tokens of real text: "
                          f"next-token agreement {q['agreement']:.1%}, mean KL {q['mean_kl']:.4f}")

@@ -107,6 +107,8 @@ EXPORT_CASES = {
                        ["--target onnxruntime", "--dtype float16", "--dtype float32"]),
     "int4-float16": (["llava15", "--keep", "32", "--llm-weights", "int4", "--dtype", "float16", "--model", "tiny"],
                      ["--llm-weights int4", "--dtype float16", "--dtype float32"]),
+    "int8-standard": (["llava15", "--keep", "32", "--llm-weights", "int8", "--model", "tiny"],
+                      ["--llm-weights int8", "--target onnxruntime"]),
     "target-unknown": (["llava15", "--keep", "32", "--target", "tensorrt", "--model", "tiny"],
                        ["--target", "'tensorrt'", "onnxruntime"]),
     "reduction-keeps-nothing": (["llava15", "--method", "feather", "--reduction", "0.99", "--model", "tiny",

@@ -147,6 +147,29 @@ def test_onnxruntime_target_matches_hf_generate(photos, tiny, export_dir, pipeli
         Pipeline.load(directory, backend="trt")
 
 
+def test_int8_llm_weights_with_the_onnxruntime_target(photos, export_dir):
+    """--target onnxruntime --llm-weights int8: every linear layer of the LLM graph (the fused q/k/v, o, gate, up,
+    down; lm_head) is one MatMulNBits with 8-bit weights in blocks of 32 at accuracy level 4; it answers."""
+    import onnx
+
+    from runtime import Pipeline
+
+    directory = export_dir("llava15", 32, target="onnxruntime", llm_weights="int8")
+    pipe = Pipeline.load(directory)
+    assert pipe.manifest.llm.weights == "int8"
+    model = onnx.load(str(directory / "llm.onnx"), load_external_data=False)
+    linear = [{a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(linear) == 5 * pipe.manifest.llm.num_layers + 1
+    assert all((a["bits"], a["block_size"], a["accuracy_level"]) == (8, 32, 4) for a in linear)
+    assert not [n for n in model.graph.node if n.op_type == "MatMul"]
+    float_pipe = Pipeline.load(export_dir("llava15", 32, target="onnxruntime"))
+    (int8,), (fp32,) = (p.generate([photos["rocket"]], [PROMPTS[1]], max_new_tokens=4, return_logits=True)
+                        for p in (pipe, float_pipe))
+    print("int8 vs fp32 first-step logits:", np.abs(int8.logits[0] - fp32.logits[0]).max(), np.ptp(fp32.logits[0]))
+    assert int8.token_ids == fp32.token_ids
+    np.testing.assert_allclose(int8.logits[0], fp32.logits[0], atol=0.02 * np.ptp(fp32.logits[0]))
+
+
 def test_int4_llm_weights(photos, export_dir, pipeline):
     """--llm-weights int4: every linear layer of the LLM graph (lm_head included) reads int4 weights through a
     blocked DequantizeLinear; the vision and projector graphs are the float ones; it answers. (Quality is
