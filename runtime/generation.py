@@ -71,6 +71,7 @@ class KVCache:
         empty = np.zeros((batch, llm.num_kv_heads, 0, llm.head_dim), dtype=dtype)
         self.values: dict[str, object] = {name: empty for name in self.past}
         self.length = 0
+        self.handles: dict = {}  # the backend's own views of the buffers, reused between calls (infer_bound)
 
     def reserve(self, new_tokens: int) -> dict[str, np.ndarray]:
         """Before a call that adds `new_tokens`: the arrays its present outputs go `into` (buffer mode; {}
@@ -189,7 +190,7 @@ class Generator:
         if not into:
             outputs = block.runner.infer_bound(feeds)
         elif batch == 1 or seq == 1 or cache.length == 0:
-            outputs = block.runner.infer_bound(feeds, into=into)
+            outputs = block.runner.infer_bound(feeds, into=into, handles=cache.handles)
         else:  # GroupQueryAttention takes several new tokens after a past (a prompt prefix) one row at a time;
             # a row of a buffer is a contiguous view, written in place like the whole
             rows = [block.runner.infer_bound({k: v[r:r + 1] for k, v in feeds.items()},

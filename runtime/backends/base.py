@@ -42,10 +42,12 @@ class Runner(Protocol):
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on checked feeds; numpy outputs by name."""
 
-    def infer_bound(self, feeds: Mapping[str, Any], into: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    def infer_bound(self, feeds: Mapping[str, Any], into: Mapping[str, np.ndarray] | None = None,
+                    handles: dict | None = None) -> dict[str, Any]:
         """Run on checked feeds (numpy or this backend's values); outputs stay in the backend's memory.
         `into` (output name -> host array, which may also be a feed): write those outputs there in place, for
-        an export whose KV cache is a buffer (`llm.kv_cache` "buffer", ONNX Runtime only)."""
+        an export whose KV cache is a buffer (`llm.kv_cache` "buffer", ONNX Runtime only); `handles`: a dict
+        the caller keeps as long as those arrays, where the backend keeps its own views of them between calls."""
 
 
 def activate_all(runners: Mapping[str, Runner]) -> dict[str, Runner]:

@@ -86,26 +86,38 @@ class OrtRunner:
         return dict(zip(names, self.session.run(names, feeds)))
 
     def infer_bound(self, feeds: dict[str, "np.ndarray | ort.OrtValue"], into: dict[str, np.ndarray] | None = None,
-                    device: str = "cpu") -> dict[str, "ort.OrtValue | np.ndarray"]:
+                    device: str = "cpu", handles: dict | None = None) -> dict[str, "ort.OrtValue | np.ndarray"]:
         """Run with I/O binding: feeds may be OrtValues produced by an earlier call (a KV cache), outputs
         stay OrtValues on `device`, so nothing is converted to numpy or copied between calls. `into`: outputs
         written into these host arrays instead (returned as they are); an array that is also a feed is bound
-        as both, by address (a KV buffer that GroupQueryAttention updates in place)."""
+        as both, by address (a KV buffer that GroupQueryAttention updates in place). `handles`: a dict the
+        caller keeps as long as those arrays (the KV cache's): their OrtValues are made once and reused while
+        the same arrays come back, instead of two per buffer per step."""
         self._require_active()
         check_feeds(self.spec, feeds, _describe)
         into = into or {}
-        shared = {id(target) for target in into.values()}  # one set per call, not a scan per feed
+        # OrtValues of the shared buffers (views of the host arrays, no copy); `handles` keeps only this call's
+        # arrays, so a buffer the cache replaced (grown) is not kept alive
+        known = {} if handles is None else handles
+        wrapped = {}
+        for target in into.values():
+            hit = known.get(id(target))
+            wrapped[id(target)] = hit if hit is not None and hit[0] is target else (
+                target, ort.OrtValue.ortvalue_from_numpy(target))
+        if handles is not None:
+            handles.clear()
+            handles.update(wrapped)
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
-            elif id(value) in shared:
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))  # no copy
+            elif id(value) in wrapped:
+                binding.bind_ortvalue_input(name, wrapped[id(value)][1])
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for t in self.spec.outputs:
             if t.name in into:
-                binding.bind_ortvalue_output(t.name, ort.OrtValue.ortvalue_from_numpy(into[t.name]))
+                binding.bind_ortvalue_output(t.name, wrapped[id(into[t.name])][1])
             else:
                 binding.bind_output(t.name, device)
         self.session.run_with_iobinding(binding)

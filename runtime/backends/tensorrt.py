@@ -242,7 +242,7 @@ class TrtRunner:
         """Run on numpy (or device) feeds; returns numpy outputs by name."""
         return {name: value.numpy() for name, value in self.infer_bound(feeds).items()}
 
-    def infer_bound(self, feeds: dict, into: dict | None = None) -> dict[str, DeviceTensor]:
+    def infer_bound(self, feeds: dict, into: dict | None = None, handles: dict | None = None) -> dict[str, DeviceTensor]:
         """Run with outputs left on the device. A DeviceTensor feed is bound by address (a KV cache from the
         previous step, an output of another engine); a numpy feed is copied into this runner's buffer. The
         stream is synchronised before returning, so host clocks around a call measure the engine. `into` (a

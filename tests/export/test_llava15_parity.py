@@ -147,6 +147,34 @@ def test_onnxruntime_target_matches_hf_generate(photos, tiny, export_dir, pipeli
         Pipeline.load(directory, backend="trt")
 
 
+def test_kv_buffers_that_grow_while_decoding_give_the_same_logits(photos, export_dir, monkeypatch):
+    """--target onnxruntime: a KV buffer that fills up mid-decode is replaced by a larger one (the filled part
+    copied) and the runner's views of the old one are dropped; the logits are those of a buffer that never grew."""
+    from runtime import Pipeline
+    from runtime.generation import KVCache
+
+    pipe = Pipeline.load(export_dir("llava15", 32, target="onnxruntime"))
+    (roomy,) = pipe.generate([photos["rocket"]], [PROMPTS[1]], max_new_tokens=6, return_logits=True)
+    grown = []
+    reserve = KVCache.reserve
+
+    def spy(cache, new_tokens):
+        current = [id(v) for v in cache.values.values()]  # after the last call: views of these buffers only
+        assert sorted(cache.handles) == sorted(current) or not cache.handles
+        before = next(iter(cache.values.values())).shape[2]
+        into = reserve(cache, new_tokens)
+        if next(iter(cache.values.values())).shape[2] != before and cache.length:
+            grown.append(before)
+        return into
+
+    monkeypatch.setattr(KVCache, "GRANULE", 1)
+    monkeypatch.setattr(KVCache, "reserve", spy)
+    (tight,) = pipe.generate([photos["rocket"]], [PROMPTS[1]], max_new_tokens=6, return_logits=True)
+    assert grown, "the buffers never grew"
+    assert tight.token_ids == roomy.token_ids
+    np.testing.assert_allclose(np.stack(tight.logits), np.stack(roomy.logits), atol=1e-5)
+
+
 def test_int8_llm_weights_with_the_onnxruntime_target(photos, export_dir):
     """--target onnxruntime --llm-weights int8: every linear layer of the LLM graph (the fused q/k/v, o, gate, up,
     down; lm_head) is one MatMulNBits with 8-bit weights in blocks of 32 at accuracy level 4; it answers."""
