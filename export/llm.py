@@ -78,9 +78,7 @@ class _BufferCache:
         self.seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
         self.total = torch.full((), total, dtype=torch.int32)
         self.position_ids = position_ids
-        self.cos, self.sin = graph.rotary_cos, graph.rotary_sin
-        self.qkv = graph.qkv
-        self.shape = (graph.heads, graph.kv_heads, graph.head_dim)
+        self.graph = graph  # the fused q/k/v projections, rotary tables and head counts
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
@@ -210,10 +208,11 @@ def _fused_attention(self, hidden_states, position_embeddings=None, attention_ma
     one MatMul for q, k and v (`DecoderGraph.qkv`), RotaryEmbedding on q and k from position_ids,
     GroupQueryAttention over the layer's buffers (mask as additive bias), o_proj. The same math as the layer's
     own forward, in the ~6 operators ONNX Runtime runs fastest instead of ~30."""
-    heads, kv_heads, dim = kv_buffer.shape
-    q, k, v = kv_buffer.qkv[str(self.layer_idx)](hidden_states).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
-    q = rotary_embedding(q, kv_buffer.position_ids, kv_buffer.cos, kv_buffer.sin, heads)
-    k = rotary_embedding(k, kv_buffer.position_ids, kv_buffer.cos, kv_buffer.sin, kv_heads)
+    graph = kv_buffer.graph
+    heads, kv_heads, dim = graph.heads, graph.kv_heads, graph.head_dim
+    q, k, v = graph.qkv[str(self.layer_idx)](hidden_states).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q = rotary_embedding(q, kv_buffer.position_ids, graph.rotary_cos, graph.rotary_sin, heads)
+    k = rotary_embedding(k, kv_buffer.position_ids, graph.rotary_cos, graph.rotary_sin, kv_heads)
     past_key, past_value = kv_buffer.past[self.layer_idx]
     out, present_key, present_value = group_query_attention(
         q, k, v, past_key, past_value, kv_buffer.seqlens_k, kv_buffer.total, attention_mask, heads, kv_heads,
@@ -222,19 +221,19 @@ def _fused_attention(self, hidden_states, position_embeddings=None, attention_ma
     return self.o_proj(out), None
 
 
-class _FusedAttention:
-    """While tracing the `kv_cache="buffer"` graph, the decoder layers' attention runs `_fused_attention`."""
+class _PatchedForward:
+    """While tracing, `modules` run `forward` (a function of the module) instead of their own; put back after."""
 
-    def __init__(self, layers):
-        self.attentions = [layer.self_attn for layer in layers]
+    def __init__(self, modules: list[nn.Module], forward):
+        self.modules, self.forward = modules, forward
 
     def __enter__(self):
-        for attn in self.attentions:
-            attn.forward = _fused_attention.__get__(attn)
+        for module in self.modules:
+            module.forward = self.forward.__get__(module)
 
     def __exit__(self, *exc):
-        for attn in self.attentions:
-            del attn.forward
+        for module in self.modules:
+            del module.forward
 
 
 def additive_causal_mask(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -310,21 +309,12 @@ def _rms_norm_by_division(self, hidden: torch.Tensor) -> torch.Tensor:
     return self.weight * hidden.to(dtype)
 
 
-class _DividingRMSNorm:
-    """While tracing, the decoder's Llama-style RMSNorms (a `weight` and a `variance_epsilon`, the formula of
-    Llama, Mistral, Qwen2, Vicuna) run `_rms_norm_by_division`; put back afterwards."""
-
-    def __init__(self, decoder: nn.Module):
-        self.norms = [m for m in decoder.modules() if hasattr(m, "variance_epsilon") and
-                      isinstance(getattr(m, "weight", None), torch.Tensor) and type(m).__name__.endswith("RMSNorm")]
-
-    def __enter__(self):
-        for norm in self.norms:
-            norm.forward = _rms_norm_by_division.__get__(norm)
-
-    def __exit__(self, *exc):
-        for norm in self.norms:
-            del norm.forward
+def _dividing_rms_norm(decoder: nn.Module) -> _PatchedForward:
+    """The decoder's Llama-style RMSNorms (a `weight` and a `variance_epsilon`, the formula of Llama, Mistral,
+    Qwen2, Vicuna) run `_rms_norm_by_division` while tracing."""
+    norms = [m for m in decoder.modules() if hasattr(m, "variance_epsilon") and
+             isinstance(getattr(m, "weight", None), torch.Tensor) and type(m).__name__.endswith("RMSNorm")]
+    return _PatchedForward(norms, _rms_norm_by_division)
 
 
 def _fused_qkv(attn: nn.Module) -> nn.Linear:
@@ -431,13 +421,13 @@ class DecoderGraph(nn.Module):
         position_embeddings = self.decoder.rotary_emb(hidden, position_ids=position_ids)
         if self.kv_cache == "buffer":
             cache = _BufferCache(past, attention_mask, position_ids, self)
-            layers = [self.decoder.layers[i] for i in self.layers]
-            with _FusedAttention(layers), _DividingRMSNorm(self.decoder):
+            attentions = [self.decoder.layers[i].self_attn for i in self.layers]
+            with _PatchedForward(attentions, _fused_attention), _dividing_rms_norm(self.decoder):
                 return self._layers(hidden, mask, position_ids, position_embeddings, cache, kv_buffer=cache)
         cache = _GraphCache(past)
         if not self.grouped:  # opset 23: the exporter's own RMSNormalization
             return self._layers(hidden, mask, position_ids, position_embeddings, cache)
-        with _TracedAttention(self.decoder.config), _DividingRMSNorm(self.decoder):
+        with _TracedAttention(self.decoder.config), _dividing_rms_norm(self.decoder):
             return self._layers(hidden, mask, position_ids, position_embeddings, cache)
 
     def _layers(self, hidden, mask, position_ids, position_embeddings, cache, **attention):
