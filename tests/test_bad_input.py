@@ -145,19 +145,21 @@ def test_export_refuses_existing_directory(tmp_path: Path, tiny_checkpoint: Path
     assert leftovers(tmp_path) == [], f"left behind: {leftovers(tmp_path)}"
 
 
-def test_export_force_replaces_directory(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_export_force_replaces_directory(tmp_path: Path, tiny_checkpoint: Path, tiny_export, reuse_graphs) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.json").write_text('{"format_version": 1}')  # an older export: --force replaces only exports
     (out / "stale.txt").write_text("from an older export")
 
-    run = run_main("export", "llava15", "--keep", "8", "--model", "tiny", "--out", out, "--force", "--no-validate",
-                   cwd=tmp_path)
+    tiny_export(KEEP)  # its graphs are copied below instead of exported again
+    with reuse_graphs("llava15", {}):
+        run = run_main("export", "llava15", "--keep", KEEP, "--model", "tiny", "--out", out, "--force", "--no-validate",
+                       cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(out)
     assert not (out / "stale.txt").exists(), "--force kept the old directory's content"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["method"]["keep"] == 8
+    assert manifest["method"]["keep"] == KEEP
     assert all((out / g["file"]).is_file() for g in manifest["graphs"].values())
     assert leftovers(tmp_path) == [], f"left behind: {leftovers(tmp_path)}"
 

@@ -34,9 +34,9 @@ PROMPTS = [
 def smollm2(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = synthetic.smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=synthetic.SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=synthetic.SMOLLM2_GGUF, dtype=torch.float32)
+    directory = synthetic.smollm2_checkpoint()  # converted from the GGUF file once, cached
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model.eval()
     out = tmp_path_factory.mktemp("smollm2")
     spec, dims = llm.llm_spec(model.model, model.lm_head, "llm.onnx")
