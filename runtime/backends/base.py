@@ -78,16 +78,23 @@ def check_feeds(spec: GraphSpec, feeds: Mapping[str, Any],
         raise InputError(f"{spec.file}: missing inputs {missing}, unexpected inputs {extra}")
     axes: dict[str, int] = {}
     for t in spec.inputs:
-        shape, dtype = describe(feeds[t.name])
-        if dtype != NUMPY_DTYPES[t.dtype]:
-            raise InputError(f"{spec.file}: input {t.name!r} has dtype {dtype}, expected {t.dtype}")
+        value = feeds[t.name]
+        if isinstance(value, np.ndarray) and value.dtype == _DTYPES[t.dtype]:  # the common case, without names
+            shape = value.shape
+        else:
+            shape, dtype = describe(value)
+            if dtype != NUMPY_DTYPES[t.dtype]:
+                raise InputError(f"{spec.file}: input {t.name!r} has dtype {dtype}, expected {t.dtype}")
         if len(shape) != len(t.shape):
-            raise InputError(f"{spec.file}: input {t.name!r} has shape {shape}, expected {t.shape}")
+            raise InputError(f"{spec.file}: input {t.name!r} has shape {tuple(shape)}, expected {t.shape}")
         for size, dim in zip(shape, t.shape):
             if isinstance(dim, int) and size != dim:
-                raise InputError(f"{spec.file}: input {t.name!r} has shape {shape}, expected {t.shape}")
+                raise InputError(f"{spec.file}: input {t.name!r} has shape {tuple(shape)}, expected {t.shape}")
             if isinstance(dim, str) and axes.setdefault(dim, size) != size:
                 raise InputError(f"{spec.file}: input {t.name!r} has {dim}={size}, other inputs have {axes[dim]}")
+
+
+_DTYPES = {name: np.dtype(numpy_name) for name, numpy_name in NUMPY_DTYPES.items()}
 
 
 def to_numpy(value) -> np.ndarray:

@@ -92,7 +92,8 @@ class OrtRunner:
         written into these host arrays instead (returned as they are); an array that is also a feed is bound
         as both, by address (a KV buffer that GroupQueryAttention updates in place). `handles`: a dict the
         caller keeps as long as those arrays (the KV cache's): their OrtValues are made once and reused while
-        the same arrays come back, instead of two per buffer per step."""
+        the same arrays come back, instead of two per buffer per step, and so is the I/O binding: a buffer bound
+        to the same name at the last call is not bound again."""
         self._require_active()
         check_feeds(self.spec, feeds, _describe)
         into = into or {}
@@ -104,22 +105,32 @@ class OrtRunner:
             hit = known.get(id(target))
             wrapped[id(target)] = hit if hit is not None and hit[0] is target else (
                 target, ort.OrtValue.ortvalue_from_numpy(target))
+        # the binding and what each of its names is bound to: kept with the handles (the caller's KV cache), so
+        # it lives as long as those buffers and no longer
+        key = (BINDING, id(self.session))
+        session, binding, bound = known.get(key) or (self.session, self.session.io_binding(), {})
+        if session is not self.session:  # another session at the same address
+            binding, bound = self.session.io_binding(), {}
         if handles is not None:
             handles.clear()
             handles.update(wrapped)
-        binding = self.session.io_binding()
+            handles[key] = (self.session, binding, bound)
         for name, value in feeds.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            elif id(value) in wrapped:
-                binding.bind_ortvalue_input(name, wrapped[id(value)][1])
-            else:
+            handle = value if isinstance(value, ort.OrtValue) else wrapped.get(id(value), (None, None))[1]
+            if handle is None:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                bound.pop(name, None)
+            elif bound.get(name) is not handle:
+                binding.bind_ortvalue_input(name, handle)
+                bound[name] = handle
         for t in self.spec.outputs:
-            if t.name in into:
-                binding.bind_ortvalue_output(t.name, wrapped[id(into[t.name])][1])
-            else:
+            if t.name not in into:
                 binding.bind_output(t.name, device)
+                continue
+            handle = wrapped[id(into[t.name])][1]
+            if bound.get((OUTPUT, t.name)) is not handle:
+                binding.bind_ortvalue_output(t.name, handle)
+                bound[(OUTPUT, t.name)] = handle
         self.session.run_with_iobinding(binding)
         outputs = dict(zip([t.name for t in self.spec.outputs], binding.get_outputs()))
         return {**outputs, **into}
@@ -127,6 +138,10 @@ class OrtRunner:
     def _require_active(self) -> None:
         if self.session is None:
             raise RuntimeError(f"runner for {self.spec.file} is not active: call activate() or use `with`")
+
+
+BINDING = "io binding"  # (BINDING, id(session)): its binding among a caller's handles (the others: ids of arrays)
+OUTPUT = "output"
 
 
 def _describe(value) -> tuple[tuple[int, ...], str]:

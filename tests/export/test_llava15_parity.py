@@ -149,7 +149,8 @@ def test_onnxruntime_target_matches_hf_generate(photos, tiny, export_dir, pipeli
 
 def test_kv_buffers_that_grow_while_decoding_give_the_same_logits(photos, export_dir, monkeypatch):
     """--target onnxruntime: a KV buffer that fills up mid-decode is replaced by a larger one (the filled part
-    copied) and the runner's views of the old one are dropped; the logits are those of a buffer that never grew."""
+    copied) and the runner's views of the old one are dropped (its OrtValues and its I/O binding hold only the
+    current buffers); the logits are those of a buffer that never grew."""
     from runtime import Pipeline
     from runtime.generation import KVCache
 
@@ -160,7 +161,11 @@ def test_kv_buffers_that_grow_while_decoding_give_the_same_logits(photos, export
 
     def spy(cache, new_tokens):
         current = [id(v) for v in cache.values.values()]  # after the last call: views of these buffers only
-        assert sorted(cache.handles) == sorted(current) or not cache.handles
+        views = {key: value for key, value in cache.handles.items() if isinstance(key, int)}  # array id -> (it, view)
+        assert sorted(views) == sorted(current) or not cache.handles
+        bound = [value[2] for key, value in cache.handles.items() if not isinstance(key, int)]  # the I/O binding's
+        assert bound or not cache.handles
+        assert all({id(v) for v in names.values()} <= {id(view) for _, view in views.values()} for names in bound)
         before = next(iter(cache.values.values())).shape[2]
         into = reserve(cache, new_tokens)
         if next(iter(cache.values.values())).shape[2] != before and cache.length:
