@@ -39,6 +39,20 @@ from contract import names  # noqa: E402  (needs the repository root on sys.path
 PROMPT = "What is in the picture? Describe it in detail."
 
 
+def llm_variant(name: str, parser) -> dict:
+    """A --llm-variants name -> the ExportOptions fields it sets."""
+    target, _, weights = name.partition("-")
+    if target not in ("standard", "onnxruntime") or weights not in ("", "int4", "int8") or name == "standard-int8":
+        parser.error(f"--llm-variants {name!r}: use standard, onnxruntime, standard-int4, onnxruntime-int4 or "
+                     "onnxruntime-int8")
+    return {"target": target, "llm_weights": weights or "float"}
+
+
+def impl_name(variant: str, args) -> str:
+    """The table's name for a variant: the first is "prunevlm" (what the checks read), the others name theirs."""
+    return "prunevlm" if variant == args.llm_variants[0] else f"prunevlm {variant}"
+
+
 def current(out: Path) -> bool:
     """An export this version of the toolkit reads (an older one, or none, is exported again)."""
     from contract.errors import ManifestError
@@ -267,6 +281,10 @@ def main() -> None:
     p.add_argument("--method", default="fastervlm", choices=("fastervlm", "feather", "fastv"),
                    help="fastervlm (default: the --keeps sweep) or an in-LLM method at its default settings against "
                    "the unpruned export (llava15 only)")
+    p.add_argument("--llm-variants", nargs="+", default=["standard"], metavar="VARIANT",
+                   help="LLM graph variants of prunevlm to run side by side at every K: standard (the default export), "
+                   "onnxruntime (--target onnxruntime), and either with -int4 / -int8 (--llm-weights; int8 needs the "
+                   "onnxruntime target), e.g. standard onnxruntime onnxruntime-int8. The first is the one the checks use")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--export-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--keep", type=int, default=32, help=argparse.SUPPRESS)
@@ -281,6 +299,7 @@ def main() -> None:
     from export.spec import ExportOptions
 
     family = FAMILIES[args.family]
+    variants = {name: llm_variant(name, p) for name in args.llm_variants}
     if args.method != "fastervlm":
         return bench_in_llm(args, family)
     args.keeps = args.keeps or list(family.BENCH_KEEPS)
@@ -290,22 +309,26 @@ def main() -> None:
     progress = Progress()
     rows = {}
     for keep in args.keeps:
-        out = args.work / f"{args.family}-{args.model}-k{keep}"
-        if not current(out):
-            with progress.step(f"exporting {args.family} {args.model} K={keep}"):
-                run(ExportOptions(args.family, keep, model=args.model, out=out, force=True, opset=args.opset,
-                                  layout=layout), progress)
-        with progress.step(f"prunevlm K={keep}"):
-            ours = run_worker("prunevlm", args, export_dir=out)
+        rows[keep] = {}
+        for variant, options in variants.items():
+            suffix = "" if variant == "standard" else f"-{variant}"
+            out = args.work / f"{args.family}-{args.model}-k{keep}{suffix}"
+            if not current(out):
+                with progress.step(f"exporting {args.family} {args.model} K={keep} {variant}"):
+                    run(ExportOptions(args.family, keep, model=args.model, out=out, force=True, opset=args.opset,
+                                      layout=layout, **options), progress)
+            with progress.step(f"prunevlm K={keep} {variant}"):
+                rows[keep][impl_name(variant, args)] = run_worker("prunevlm", args, export_dir=out)
         ref = None
         if not args.skip_hf:
             with progress.step(f"HF reference K={keep}"):
                 ref = run_worker("hf", args, keep=keep)
-        rows[keep] = {"prunevlm": ours, "hf": ref}
+        rows[keep]["hf"] = ref
     with progress.step("selection cost inside the vision graph"):
         topk = run_worker("topk", args, keep=min(args.keeps))
 
-    manifest = json.loads((args.work / f"{args.family}-{args.model}-k{args.keeps[0]}" / "manifest.json").read_text())
+    first = "" if args.llm_variants[0] == "standard" else f"-{args.llm_variants[0]}"
+    manifest = json.loads((args.work / f"{args.family}-{args.model}-k{args.keeps[0]}{first}" / "manifest.json").read_text())
     from transformers import AutoConfig
 
     from export import checkpoints
@@ -410,17 +433,19 @@ def summarize(rows: dict, topk: dict, llm: dict, args) -> dict:
     lines = [f"machine: {cpu_name()}, {os.cpu_count()} cores, "
              f"python {platform.python_version()}; {args.family} model {args.model!r}; {args.new_tokens} new tokens; "
              f"median of {args.repeats}", ""]
-    head = (f"{'K':>4} {'impl':<9} {'prompt':>6} {'vision ms':>10} {'proj ms':>8} {'prefill ms':>11} {'TTFT ms':>9} "
+    impls = list(dict.fromkeys(impl for k in keeps for impl in rows[k]))
+    width = max(9, *map(len, impls))
+    head = (f"{'K':>4} {'impl':<{width}} {'prompt':>6} {'vision ms':>10} {'proj ms':>8} {'prefill ms':>11} {'TTFT ms':>9} "
             f"{'decode tok/s':>13} {'peak MB':>8}")
     lines.append(head)
     checks = {}
     for k in keeps:
-        for impl in ("prunevlm", "hf"):
-            r = rows[k][impl]
+        for impl in impls:
+            r = rows[k].get(impl)
             if r is None:
                 continue
             prompt = rows[k]["prunevlm"]["prompt_tokens"]
-            lines.append(f"{k:>4} {impl:<9} {prompt:>6} {r['vision_s'] * 1e3:>10.1f} {r['projector_s'] * 1e3:>8.2f} "
+            lines.append(f"{k:>4} {impl:<{width}} {prompt:>6} {r['vision_s'] * 1e3:>10.1f} {r['projector_s'] * 1e3:>8.2f} "
                          f"{r['prefill_s'] * 1e3:>11.1f} {r['ttft_s'] * 1e3:>9.1f} {r['decode_tokens_per_s']:>13.1f} "
                          f"{r['peak_rss_mb']:>8.0f}")
     lines.append("")
@@ -434,6 +459,17 @@ def summarize(rows: dict, topk: dict, llm: dict, args) -> dict:
     checks["selection_fraction"] = topk["selection_fraction"]
     lines.append(f"[CLS] score + top-k in the vision graph: {topk['selection_fraction']:.1%} of its time "
                  f"({topk['vision_s'] * 1e3:.1f} vs {topk['features_only_s'] * 1e3:.1f} ms without; target < 3%)")
+    share = rows[small]["prunevlm"]["vision_s"] / rows[small]["prunevlm"]["ttft_s"]
+    checks["vision_share_of_ttft"] = share
+    lines.append(f"vision graph at K={small}: {share:.0%} of the time to first token")
+    for impl in impls:
+        if impl.startswith("prunevlm "):
+            for k in keeps:
+                ours, other = rows[k]["prunevlm"], rows[k][impl]
+                ttft, dec = ours["ttft_s"] / other["ttft_s"], other["decode_tokens_per_s"] / ours["decode_tokens_per_s"]
+                checks[f"{impl.split()[1]}_ttft_speedup_k{k}"], checks[f"{impl.split()[1]}_decode_speedup_k{k}"] = ttft, dec
+                lines.append(f"K={k}: {impl.split()[1]} vs {args.llm_variants[0]}: time to first token {ttft:.2f}x "
+                             f"faster, decode {dec:.2f}x faster")
     overhead = max(rows[k]["prunevlm"]["decode_overhead_fraction"] for k in keeps)
     checks["decode_overhead_fraction"] = overhead
     lines.append(f"runtime overhead per decode step (outside the graph call): at most {overhead:.1%} (target < 5%)")
