@@ -300,6 +300,8 @@ def main() -> None:
 
     family = FAMILIES[args.family]
     variants = {name: llm_variant(name, p) for name in args.llm_variants}
+    if args.method != "fastervlm" and args.llm_variants != ["standard"]:
+        p.error(f"--llm-variants goes with the FasterVLM sweep, not --method {args.method}")
     if args.method != "fastervlm":
         return bench_in_llm(args, family)
     args.keeps = args.keeps or list(family.BENCH_KEEPS)
