@@ -130,7 +130,7 @@ def cached(name: str, build: Callable[[Path], None], step: Step, what: str) -> P
     """CACHE_DIR/name, written by `build(directory)` the first time: into a temporary directory that is renamed
     into place when complete (an interrupted or failed build leaves nothing), under a lock, so that processes
     started together (two exports, test workers) build it once and the others wait for it."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     target = CACHE_DIR / name
     if target.is_dir():
@@ -138,7 +138,11 @@ def cached(name: str, build: Callable[[Path], None], step: Step, what: str) -> P
     try:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         lock = FileLock(CACHE_DIR / f".{name}.lock")
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            with step(f"waiting for another process to finish building {what}"):
+                lock.acquire()
     except OSError as exc:
         raise ExportError(f"cannot build {what}: the cache directory {str(CACHE_DIR)!r} (PRUNEVLM_CACHE) is not a "
                           f"writable directory ({exc.strerror})") from None

@@ -231,6 +231,52 @@ def test_unwritable_cache_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_cache_entry_is_built_once_by_processes_started_together(tmp_path, monkeypatch):
+    """checkpoints.cached: while another process holds an entry's lock (it is building it), a second caller says it
+    waits and then takes that build instead of building again; a build that fails leaves nothing in the cache."""
+    import contextlib
+    import threading
+
+    from filelock import FileLock
+
+    from export import checkpoints
+
+    monkeypatch.setattr(checkpoints, "CACHE_DIR", tmp_path)
+    said, builds = [], []
+
+    @contextlib.contextmanager
+    def step(what):
+        said.append(what)
+        yield
+
+    def build(directory):
+        builds.append(directory)
+        (directory / "config.json").write_text("{}")
+
+    other = FileLock(tmp_path / ".entry.lock")  # what the other process's cached() holds while it builds
+    other.acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(checkpoints.cached("entry", build, step, "the entry")))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert said == ["waiting for another process to finish building the entry"]
+    (tmp_path / "entry").mkdir()  # the other process's build lands
+    build(tmp_path / "entry")
+    other.release()
+    waiter.join(30)
+    assert got == [tmp_path / "entry"] and len(builds) == 1, "the waiting caller built the entry again"
+
+    def failing(directory):
+        (directory / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted build")
+
+    with pytest.raises(RuntimeError):
+        checkpoints.cached("broken", failing, step, "the broken entry")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["entry"]
+
+
 # ---------------------------------------------------------------- signals, kills, races
 
 
