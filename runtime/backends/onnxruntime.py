@@ -97,40 +97,28 @@ class OrtRunner:
         self._require_active()
         check_feeds(self.spec, feeds, _describe)
         into = into or {}
-        # OrtValues of the shared buffers (views of the host arrays, no copy); `handles` keeps only this call's
-        # arrays, so a buffer the cache replaced (grown) is not kept alive
-        known = {} if handles is None else handles
-        wrapped = {}
-        for target in into.values():
-            hit = known.get(id(target))
-            wrapped[id(target)] = hit if hit is not None and hit[0] is target else (
-                target, ort.OrtValue.ortvalue_from_numpy(target))
-        # the binding and what each of its names is bound to: kept with the handles (the caller's KV cache), so
-        # it lives as long as those buffers and no longer
-        key = (BINDING, id(self.session))
-        session, binding, bound = known.get(key) or (self.session, self.session.io_binding(), {})
-        if session is not self.session:  # another session at the same address
-            binding, bound = self.session.io_binding(), {}
+        kept = None if handles is None else handles.get(_Bound)
+        state = kept if kept is not None and kept.session is self.session else _Bound(self.session)
+        state.view(into.values())
         if handles is not None:
-            handles.clear()
-            handles.update(wrapped)
-            handles[key] = (self.session, binding, bound)
+            handles[_Bound] = state
+        binding = state.binding
         for name, value in feeds.items():
-            handle = value if isinstance(value, ort.OrtValue) else wrapped.get(id(value), (None, None))[1]
+            handle = value if isinstance(value, ort.OrtValue) else state.views.get(id(value), (None, None))[1]
             if handle is None:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-                bound.pop(name, None)
-            elif bound.get(name) is not handle:
+                state.names.pop(name, None)
+            elif state.names.get(name) is not handle:
                 binding.bind_ortvalue_input(name, handle)
-                bound[name] = handle
+                state.names[name] = handle
         for t in self.spec.outputs:
             if t.name not in into:
                 binding.bind_output(t.name, device)
                 continue
-            handle = wrapped[id(into[t.name])][1]
-            if bound.get((OUTPUT, t.name)) is not handle:
+            handle = state.views[id(into[t.name])][1]
+            if state.names.get((OUTPUT, t.name)) is not handle:
                 binding.bind_ortvalue_output(t.name, handle)
-                bound[(OUTPUT, t.name)] = handle
+                state.names[(OUTPUT, t.name)] = handle
         self.session.run_with_iobinding(binding)
         outputs = dict(zip([t.name for t in self.spec.outputs], binding.get_outputs()))
         return {**outputs, **into}
@@ -140,8 +128,27 @@ class OrtRunner:
             raise RuntimeError(f"runner for {self.spec.file} is not active: call activate() or use `with`")
 
 
-BINDING = "io binding"  # (BINDING, id(session)): its binding among a caller's handles (the others: ids of arrays)
-OUTPUT = "output"
+OUTPUT = "output"  # (OUTPUT, name): an output's entry in _Bound.names (inputs are keyed by their name)
+
+
+class _Bound:
+    """What infer_bound keeps in a caller's `handles` between calls (under the key _Bound): OrtValue views of the
+    caller's shared host arrays (views, no copy) and one I/O binding of the session, with the value each name is
+    bound to. Only the arrays of the latest call are kept, so a buffer the KV cache replaced (grown) is freed."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.binding = session.io_binding()
+        self.views: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}  # id(array) -> (the array, its view)
+        self.names: dict = {}  # input name or (OUTPUT, name) -> the OrtValue bound to it
+
+    def view(self, arrays) -> None:
+        """Views of exactly these arrays: reused where the same array was viewed before, made otherwise."""
+        views = {}
+        for array in arrays:
+            hit = self.views.get(id(array))
+            views[id(array)] = hit if hit is not None and hit[0] is array else (array, ort.OrtValue.ortvalue_from_numpy(array))
+        self.views = views
 
 
 def _describe(value) -> tuple[tuple[int, ...], str]:
