@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers.image_processing_backends import PilBackend
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
 from contract.errors import ExportError
+
+# transformers' processor classes are imported where they are read, not with this module: the export CLI imports
+# it to list the families, and `--help` or a refused option should not wait seconds for transformers.
 
 # The methods that make up PilBackend's pipeline: a subclass that overrides one of them processes differently.
 _PIPELINE_METHODS = (
@@ -29,8 +28,6 @@ _PIPELINE_METHODS = (
     "rescale",
     "normalize",
 )
-# Overrides known to be PilBackend's pipeline while `do_pad` is false (LLaVA's only adds padding to square).
-_EQUIVALENT_OVERRIDES = frozenset({LlavaImageProcessorPil._preprocess})
 _SIZE_FORMS = ({"shortest_edge"}, {"height", "width"})
 
 
@@ -42,6 +39,11 @@ def preprocess_spec(image_processor: object) -> dict[str, Any]:
     otherwise: the torchvision backend, a class with its own pipeline, `do_pad`, a size of another form.
     Options that are switched off are copied as they are and not checked.
     """
+    from transformers.image_processing_backends import PilBackend
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    # Overrides known to be PilBackend's pipeline while `do_pad` is false (LLaVA's only adds padding to square).
+    equivalent_overrides = {LlavaImageProcessorPil._preprocess}
     name = type(image_processor).__name__
     if not isinstance(image_processor, PilBackend):
         raise ExportError(
@@ -49,7 +51,7 @@ def preprocess_spec(image_processor: object) -> dict[str, Any]:
         )
     for method in _PIPELINE_METHODS:
         function = getattr(type(image_processor), method)
-        if function is not getattr(PilBackend, method) and function not in _EQUIVALENT_OVERRIDES:
+        if function is not getattr(PilBackend, method) and function not in equivalent_overrides:
             raise ExportError(f"image processor {name} overrides {method}; only PilBackend's pipeline is reproduced")
     return _options_spec(image_processor)
 
@@ -58,6 +60,8 @@ def anyres_spec(image_processor: object) -> tuple[dict[str, Any], list[list[int]
     """(per-tile spec, grid pinpoints) of a LLaVA-NeXT PIL processor, whose tiling `runtime.anyres`
     reproduces (the tiles then go through the ordinary spec; its `do_pad` pads the tile count of a
     batch, which the runtime does not need)."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
     name = type(image_processor).__name__
     if type(image_processor) is not LlavaNextImageProcessorPil:
         raise ExportError(f"image processor {name} is not LlavaNextImageProcessorPil; its tiling is not reproduced")

@@ -48,8 +48,9 @@ def reuse_graphs(tmp_path_factory):
     """(family, options) -> a context in which `export.onnx_io.export_graph` copies the files of a graph that an
     earlier export of this session already produced, instead of exporting it again (the slowest step of every
     export). Equal keys, equal files: a graph's files depend on the family, its name and spec (the spec names K,
-    the layers and the shapes), the opset and the dtype, and for LLM graphs the method (FastV's block scores
-    with RoPE, FEATHER's without; the same spec) and max_seq_len (`options`: ExportOptions fields)."""
+    the layers and the shapes) and the opset, and for LLM graphs the method (FastV's block scores with RoPE,
+    FEATHER's without; the same spec) and max_seq_len (`options`: ExportOptions fields). Not on the dtype: a
+    float16 export converts the fp32 graphs this step writes (export.precision), in the export's directory."""
     from export import onnx_io
 
     root = tmp_path_factory.mktemp("graphs")
@@ -58,7 +59,7 @@ def reuse_graphs(tmp_path_factory):
 
     @contextlib.contextmanager
     def reuse(family: str, options: dict):
-        common = (family, options.get("opset", 18), options.get("dtype", "float32"))
+        common = (family, options.get("opset", 18))
         llm_only = (options.get("method", "fastervlm"), options.get("max_seq_len"))
 
         def cached_export_graph(graph, directory, opset):

