@@ -388,6 +388,7 @@ class DecoderGraph(nn.Module):
         self.rope = rope
         self.grouped = grouped  # trace with grouped_attention (else the checkpoint's own attention)
         self.kv_cache = kv_cache  # "buffer": GroupQueryAttention over buffers written in place (the manifest's)
+        self.max_positions = max_positions
         cfg = decoder.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -397,6 +398,18 @@ class DecoderGraph(nn.Module):
             cos, sin = _rotary_tables(decoder, max(max_positions or 0, cfg.max_position_embeddings))
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
+
+    def single_layer(self) -> "DecoderGraph | None":
+        """This graph with only the block's last layer (what `repeat_layer` copies for the others; the last one
+        because a block's prune_logits read it), or None when the block has one layer or its layers are not
+        alike."""
+        layers = self.decoder.layers
+        signature = lambda i: (type(layers[i]), [(n, p.shape, p.dtype) for n, p in layers[i].named_parameters()])  # noqa: E731
+        if len(self.layers) < 2 or any(signature(i) != signature(self.layers.stop - 1) for i in self.layers):
+            return None  # one layer, or layers that differ in class or parameter shapes: traced whole
+        last = range(self.layers.stop - 1, self.layers.stop)
+        return DecoderGraph(self.decoder, self.lm_head, last, self.rope, self.grouped, self.kv_cache,
+                            self.max_positions).eval()
 
     def prune_logits(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
         """[B, S, D] hidden states entering `layer` -> [B, H, S] float32: q(last token) . k(each token) / sqrt(d)."""
@@ -451,6 +464,108 @@ class DecoderGraph(nn.Module):
         hidden = self.decoder.norm(hidden[:, -1:])  # [B, 1, D]: only the next-token logits are needed
         logits = self.lm_head(hidden)[:, 0].float()  # [B, V] (a MatMul, not a Gemm: --llm-weights int4 reads it)
         return (logits, *present)
+
+
+class NotRepeatable(ExportError):
+    """The one-layer trace cannot be copied into the whole decoder (`repeat_layer`): trace it whole."""
+
+
+def repeat_layer(model, graph: DecoderGraph, spec: GraphSpec) -> None:
+    """The exported graph of `graph.single_layer()` (an onnx_ir Model, before any optimization) -> the graph of
+    `graph`, in place: the traced layer's nodes copied once per earlier layer of the block, in order, each copy
+    reading the previous one's hidden states, its own past inputs and its own layer's weights, and writing its
+    own present outputs; inputs and outputs then in the order of `graph`'s `spec`.
+
+    Why: torch.export traces every decoder layer again (~3-5 s a layer here, most of a 7B model's export) though
+    all are the same code. Sound because the layers are one class with the same config and parameter shapes
+    (`single_layer` checks) and the layer index only picks the layer's cache entry, which the copy renames; the
+    export's validation then compares the whole graph with `graph` itself. Nodes of the layer are those the
+    exporter scoped under its module call (`pkg.torch.onnx.name_scopes`); a block's prune_logits call the last
+    layer's submodules directly and are not copied. Raises NotRepeatable when the traced layer is not the
+    self-contained piece this expects (the caller then traces the whole graph).
+    """
+    import ast
+
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import TorchTensor
+
+    last = graph.layers.stop - 1
+    g = model.graph
+    scope = f"decoder.layers.{last}"
+    body = [n for n in g if scope in ast.literal_eval(n.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))]
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in body for a in n.attributes.values()):
+        raise NotRepeatable(f"{scope} exported with subgraphs")
+    inside = {id(n) for n in body}
+    made = {id(v) for n in body for v in n.outputs}
+    inputs = {v.name: v for v in g.inputs}
+    hidden_in = inputs[names.INPUTS_EMBEDS]
+    past = {pattern: inputs[pattern.format(last)] for pattern in (PAST_KEY, PAST_VALUE)}
+    outputs = {v.name: v for v in g.outputs}
+    present = {pattern: outputs[pattern.format(last)] for pattern in (PRESENT_KEY, PRESENT_VALUE)}
+    escaping = [v for n in body if n.op_type != "Constant" for v in n.outputs  # constants: the exporter shares them
+                if v.is_graph_output() or any(id(user) not in inside for user, _ in v.uses())]
+    hidden_out = [v for v in escaping if v not in present.values()]
+    if len(hidden_out) != 1:
+        raise NotRepeatable(f"{scope}: {len(hidden_out)} values leave the layer besides its cache, expected 1")
+    parameters = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
+    prefixes = (f"decoder.layers.{last}.", f"qkv.{last}.")
+
+    def renamed(name: str, index: int) -> str | None:
+        """The name of layer `index`'s counterpart of the traced layer's weight `name` (None: shared)."""
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                return prefix.replace(f".{last}.", f".{index}.") + name[len(prefix):]
+        return None
+
+    new_inputs, new_outputs, copies = {}, {}, []
+    hidden = hidden_in
+    for index in range(graph.layers.start, last):
+        mapping = {id(hidden_in): hidden}
+        for pattern, value in past.items():
+            new_inputs[pattern.format(index)] = mapping[id(value)] = ir.Value(
+                name=pattern.format(index), type=value.type, shape=value.shape)
+        for node in body:
+            for value in node.inputs:
+                if value is None or id(value) in mapping or id(value) in made or not value.is_initializer():
+                    continue
+                name = renamed(value.name, index)
+                if name is not None:
+                    weight = ir.Value(name=name, type=value.type, shape=value.shape,
+                                      const_value=TorchTensor(parameters[name], name=name))
+                    g.register_initializer(weight)
+                    mapping[id(value)] = weight
+            copy = ir.Node(node.domain, node.op_type, [None if v is None else mapping.get(id(v), v) for v in node.inputs],
+                           attributes=[ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
+                           num_outputs=len(node.outputs), version=node.version, name=f"{node.name}.layer{index}",
+                           metadata_props=dict(node.metadata_props))
+            for old, value in zip(node.outputs, copy.outputs):
+                value.name = f"{old.name}.layer{index}"
+                value.type, value.shape = old.type, old.shape
+                mapping[id(old)] = value
+            copies.append(copy)
+        for pattern, value in present.items():
+            new_outputs[pattern.format(index)] = mapping[id(value)]
+            mapping[id(value)].name = pattern.format(index)
+        hidden = mapping[id(hidden_out[0])]
+    # The traced layer and everything after it (epilogue, prune_logits) read the last copy's hidden states;
+    # the first copy and what computes the layers' shared inputs (sizes, mask, rotary) read the graph input.
+    upstream, stack = set(), [v for n in body for v in n.inputs if v is not None]
+    while stack:
+        producer = stack.pop().producer()
+        if producer is not None and id(producer) not in upstream and id(producer) not in inside:
+            upstream.add(id(producer))
+            stack.extend(v for v in producer.inputs if v is not None)
+    upstream.update(id(copy) for copy in copies)
+    for user, position in list(hidden_in.uses()):
+        if id(user) not in upstream:
+            user.replace_input_with(position, hidden)
+    g.insert_before(body[0], copies)
+    all_inputs, all_outputs = {**inputs, **new_inputs}, {**outputs, **new_outputs}
+    g.inputs.clear()
+    g.inputs.extend(all_inputs[t.name] for t in spec.inputs)
+    g.outputs.clear()
+    g.outputs.extend(all_outputs[t.name] for t in spec.outputs)
+    g.sort()
 
 
 def llm_spec(decoder: nn.Module, lm_head: nn.Module, file: str, dtype: str = "float32",

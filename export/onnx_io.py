@@ -16,9 +16,9 @@ import torch
 
 from contract.compare import Comparison, compare
 from contract.errors import ExportError
-from contract.manifest import GraphSpec
+from contract.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, GraphSpec
 from export.graph import GraphExport
-from export.llm import ONNX_TRANSLATIONS
+from export.llm import ONNX_TRANSLATIONS, DecoderGraph, NotRepeatable, repeat_layer
 from runtime.backends.onnxruntime import OrtRunner
 
 
@@ -32,23 +32,19 @@ def export_graph(graph: GraphExport, directory: Path, opset: int) -> GraphSpec:
 
     spec = graph.spec
     feeds = graph.example(0)
-    args = tuple(feeds[t.name] for t in spec.inputs)
-    dynamic = [{i: torch.export.Dim.AUTO for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs]
-    dynamic_shapes = _nest_like_forward(graph.module, dynamic)
     path = directory / spec.file
     with torch.no_grad(), _quiet():
-        from torch.onnx._internal.exporter import _core
-
-        program = _core.export(
-            graph.module,
-            args,
-            registry=_registry(opset),
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            optimize=False,
-        )
+        program = None
+        # A decoder is traced with one layer, the others are copies of it (`llm.repeat_layer`)
+        one_layer = graph.module.single_layer() if isinstance(graph.module, DecoderGraph) else None
+        if one_layer is not None:
+            program = _trace(one_layer, _one_layer_spec(spec, one_layer), feeds, opset)
+            try:
+                repeat_layer(program.model, graph.module, spec)
+            except NotRepeatable:
+                program = None
+        if program is None:
+            program = _trace(graph.module, spec, feeds, opset)
         _simplify(program.model, opset)
         program.save(os.fspath(path), external_data=True)
     model = onnx.load(os.fspath(path), load_external_data=False)
@@ -56,6 +52,31 @@ def export_graph(graph: GraphExport, directory: Path, opset: int) -> GraphSpec:
     onnx.save(model, os.fspath(path))
     files = [spec.file] + ([spec.file + ".data"] if (directory / (spec.file + ".data")).exists() else [])
     return replace(spec, sizes={f: (directory / f).stat().st_size for f in files})
+
+
+def _trace(module, spec: GraphSpec, feeds: dict, opset: int):
+    """torch.onnx's dynamo export of `module` (inputs and outputs named and ordered as `spec`'s), unoptimized."""
+    from torch.onnx._internal.exporter import _core
+
+    dynamic = [{i: torch.export.Dim.AUTO for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs]
+    return _core.export(
+        module,
+        tuple(feeds[t.name] for t in spec.inputs),
+        registry=_registry(opset),
+        input_names=[t.name for t in spec.inputs],
+        output_names=[t.name for t in spec.outputs],
+        dynamic_shapes=_nest_like_forward(module, dynamic),
+        opset_version=opset,
+        optimize=False,
+    )
+
+
+def _one_layer_spec(spec: GraphSpec, one_layer: DecoderGraph) -> GraphSpec:
+    """`spec` without the KV-cache inputs and outputs of the layers `one_layer` does not run."""
+    kept = {pattern.format(i) for i in one_layer.layers for pattern in (PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)}
+    cache = {t.name for t in spec.inputs + spec.outputs if t.name.startswith(("past_key_values.", "present."))}
+    keep = lambda t: t.name not in cache or t.name in kept  # noqa: E731
+    return replace(spec, inputs=tuple(filter(keep, spec.inputs)), outputs=tuple(filter(keep, spec.outputs)))
 
 
 @functools.cache

