@@ -496,7 +496,6 @@ def repeat_layer(model, graph: DecoderGraph, spec: GraphSpec) -> None:
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in body for a in n.attributes.values()):
         raise NotRepeatable(f"{scope} exported with subgraphs")
     inside = {id(n) for n in body}
-    made = {id(v) for n in body for v in n.outputs}
     inputs = {v.name: v for v in g.inputs}
     hidden_in = inputs[names.INPUTS_EMBEDS]
     past = {pattern: inputs[pattern.format(last)] for pattern in (PAST_KEY, PAST_VALUE)}
@@ -517,23 +516,24 @@ def repeat_layer(model, graph: DecoderGraph, spec: GraphSpec) -> None:
                 return prefix.replace(f".{last}.", f".{index}.") + name[len(prefix):]
         return None
 
+    weights = {id(v): v for n in body for v in n.inputs  # the traced layer's own weights
+               if v is not None and v.is_initializer() and renamed(v.name, last) is not None}
+    earlier = range(graph.layers.start, last)
+    if any(renamed(v.name, i) not in parameters for v in weights.values() for i in earlier):
+        raise NotRepeatable(f"{scope} reads an initializer that is not one of its module's weights")
     new_inputs, new_outputs, copies = {}, {}, []
     hidden = hidden_in
-    for index in range(graph.layers.start, last):
+    for index in earlier:
         mapping = {id(hidden_in): hidden}
         for pattern, value in past.items():
             new_inputs[pattern.format(index)] = mapping[id(value)] = ir.Value(
                 name=pattern.format(index), type=value.type, shape=value.shape)
+        for key, value in weights.items():
+            name = renamed(value.name, index)
+            mapping[key] = ir.Value(name=name, type=value.type, shape=value.shape,
+                                    const_value=TorchTensor(parameters[name], name=name))
+            g.register_initializer(mapping[key])
         for node in body:
-            for value in node.inputs:
-                if value is None or id(value) in mapping or id(value) in made or not value.is_initializer():
-                    continue
-                name = renamed(value.name, index)
-                if name is not None:
-                    weight = ir.Value(name=name, type=value.type, shape=value.shape,
-                                      const_value=TorchTensor(parameters[name], name=name))
-                    g.register_initializer(weight)
-                    mapping[id(value)] = weight
             copy = ir.Node(node.domain, node.op_type, [None if v is None else mapping.get(id(v), v) for v in node.inputs],
                            attributes=[ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
                            num_outputs=len(node.outputs), version=node.version, name=f"{node.name}.layer{index}",
