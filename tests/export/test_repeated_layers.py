@@ -62,6 +62,19 @@ def test_one_layer_traced_the_others_copied(decoder, kv_cache, copies, tmp_path)
     assert cache == [p.format(i) for i in range(layers) for p in ("past_key_values.{}.key", "past_key_values.{}.value")]
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["feather", "fastv"])
+def test_block_before_a_prune_point(decoder, rope, copies, tmp_path):
+    """A block of two layers that ends at a prune point: its prune_logits read the traced (last) layer's
+    submodules on the hidden states the copy of the first layer makes (validated against the module)."""
+    decoder_model, head = decoder
+    first, _ = llm.block_exports(decoder_model, head, (0, 2, len(decoder_model.layers)), rope)
+    spec = onnx_io.export_graph(first, tmp_path, opset=18)
+    checks = onnx_io.validate(first, tmp_path, spec)
+    assert {c.output for c in checks} >= {"hidden_states", "prune_logits"}
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert copies == ["copied"]
+
+
 def test_layers_that_differ_are_traced_whole(decoder, copies, tmp_path):
     decoder_model, head = decoder
     changed = copy.deepcopy(decoder_model)
