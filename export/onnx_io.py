@@ -38,7 +38,7 @@ def export_graph(graph: GraphExport, directory: Path, opset: int) -> GraphSpec:
         # A decoder is traced with one layer, the others are copies of it (`llm.repeat_layer`)
         one_layer = graph.module.single_layer() if isinstance(graph.module, DecoderGraph) else None
         if one_layer is not None:
-            program = _trace(one_layer, _one_layer_spec(spec, one_layer), feeds, opset)
+            program = _trace(one_layer, _one_layer_spec(spec, graph.module, one_layer), feeds, opset)
             try:
                 repeat_layer(program.model, graph.module, spec)
             except NotRepeatable:
@@ -71,11 +71,11 @@ def _trace(module, spec: GraphSpec, feeds: dict, opset: int):
     )
 
 
-def _one_layer_spec(spec: GraphSpec, one_layer: DecoderGraph) -> GraphSpec:
-    """`spec` without the KV-cache inputs and outputs of the layers `one_layer` does not run."""
-    kept = {pattern.format(i) for i in one_layer.layers for pattern in (PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)}
-    cache = {t.name for t in spec.inputs + spec.outputs if t.name.startswith(("past_key_values.", "present."))}
-    keep = lambda t: t.name not in cache or t.name in kept  # noqa: E731
+def _one_layer_spec(spec: GraphSpec, module: DecoderGraph, one_layer: DecoderGraph) -> GraphSpec:
+    """`spec` (of `module`) without the KV-cache inputs and outputs of the layers `one_layer` does not run."""
+    dropped = {pattern.format(i) for i in module.layers if i not in one_layer.layers
+               for pattern in (PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE)}
+    keep = lambda t: t.name not in dropped  # noqa: E731
     return replace(spec, inputs=tuple(filter(keep, spec.inputs)), outputs=tuple(filter(keep, spec.outputs)))
 
 
