@@ -14,6 +14,13 @@ who left it, for a person reading `ls -a`; the lock, not the pid, is the proof (
 
 SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) while an output is being written, so the same
 cleanup as for Ctrl-C runs; a signal that was ignored (`nohup`) stays ignored.
+
+A writer that dies without unwinding (SIGKILL, the OOM killer, a crash inside a native library) cannot clean up
+itself: its janitor does. The first lock a process takes starts one small process (`_janitor_main`, no torch)
+that it tells, over a pipe, which locks and temporary files it holds; when the pipe closes (the writer is
+gone, however it ended) the janitor takes each lock it still held, if nobody else has, and removes what was left
+(`clear_stale`), and removes its temporary files. A janitor that was killed too leaves the cleanup to the next
+writer, as above.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import secrets
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -212,11 +221,95 @@ def locked(parent: Path, name: str, label: str, error: Error) -> Iterator[None]:
         os.close(fd)
     try:
         clear_stale(parent, name)
-        yield
+        with _janitor.watching("lock", path):
+            yield
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
+
+
+def _release_abandoned(path: Path) -> None:
+    """Take the lock file `path` if nobody holds it, remove what its dead holder left, and the lock file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # removed: its holder finished, or another writer cleaned up
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.lstat(path).st_ino and stat.S_ISREG(os.fstat(fd).st_mode):
+            clear_stale(path.parent, path.name[1:-len(".lock")])
+            path.unlink()
+    except OSError:
+        pass  # held by another writer (who cleans up itself), or already gone
+    finally:
+        os.close(fd)
+
+
+class _Janitor:
+    """This process's janitor (see the module doc): started with the first lock, told what is held."""
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._pipe = None
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def watching(self, kind: str, path: Path) -> Iterator[None]:
+        """While the block runs, the janitor cleans `path` if this process dies: a "lock" file (taken and
+        cleared as above) or a "file" this process alone writes (removed)."""
+        self._send("+", kind, path)
+        try:
+            yield
+        finally:
+            self._send("-", kind, path)
+
+    def _send(self, op: str, kind: str, path: Path) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child: one janitor per process
+                self._start()
+            if self._pipe is None:
+                return
+            try:  # one unbuffered write of a short line: whole or not at all
+                self._pipe.write(json.dumps([op, kind, str(path)]).encode() + b"\n")
+            except OSError:  # the janitor was killed: the next writer cleans up instead
+                self._pipe = None
+
+    def _start(self) -> None:
+        self._pid, self._pipe = os.getpid(), None
+        root = str(Path(__file__).resolve().parent.parent)
+        code = f"import sys; sys.path.insert(0, {root!r}); from contract.files import _janitor_main; _janitor_main()"
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", code], bufsize=0, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C in the terminal does not reach it
+        except OSError:
+            return  # no janitor: cleanup after a kill is left to the next writer
+        self._pipe = self._process.stdin
+
+
+_janitor = _Janitor()
+
+
+def _janitor_main() -> None:
+    """The janitor process: read what its writer holds until the pipe closes, then clean what is still held."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # outlive the writer long enough to clean
+        signal.signal(signum, signal.SIG_IGN)
+    held: dict[tuple[str, str], int] = {}
+    for line in sys.stdin.buffer:
+        try:
+            op, kind, path = json.loads(line)
+        except ValueError:
+            continue
+        held[kind, path] = held.get((kind, path), 0) + (1 if op == "+" else -1)
+    left = [key for key, count in held.items() if count > 0]
+    for kind, path in sorted(left, key=lambda key: key[0] == "lock"):  # files first, then the locks
+        if kind == "file":
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        else:
+            _release_abandoned(Path(path))
 
 
 def _disk_error(exc: BaseException, target: str, error: Error) -> UserError | None:
@@ -357,7 +450,11 @@ def atomic_file(path: Path, error: Error, what: str = "output") -> Iterator[Bina
     """A file object on `.NAME.partial-*` beside `path`, flushed, synced and renamed over `path` when the
     block ends; removed on any failure. The caller checks (`require_replaceable_file`) and locks beforehand."""
     tmp = path.parent / _temporary_name(path.name, "partial")
-    target = f"{what} {quoted(path)}"
+    with _janitor.watching("file", tmp):  # registered before it exists: a kill at any point leaves nothing
+        yield from _write_atomically(tmp, path, error, f"{what} {quoted(path)}")
+
+
+def _write_atomically(tmp: Path, path: Path, error: Error, target: str) -> Iterator[BinaryIO]:
     try:
         f = open(tmp, "xb")
     except OSError as exc:

@@ -34,9 +34,20 @@ def export(out: Path, checkpoint: Path, force: bool = False) -> Path:
     return run(options, Progress(stream=io.StringIO()))
 
 
+def _left(parent: Path) -> list[str]:
+    return leftovers(parent) + sorted(p.name for p in parent.glob(".*.lock"))
+
+
 def nothing_left(parent: Path) -> None:
-    left = leftovers(parent) + sorted(p.name for p in parent.glob(".*.lock"))
-    assert left == [], f"left behind: {left}"
+    assert _left(parent) == [], f"left behind: {_left(parent)}"
+
+
+def nothing_left_soon(parent: Path, why: str = "") -> None:
+    """What a writer that died without unwinding left is removed by its janitor, which notices at once."""
+    deadline = time.monotonic() + 10
+    while _left(parent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _left(parent) == [], f"left behind: {_left(parent)} {why}"
 
 
 def fake_export(directory: Path) -> Path:
@@ -314,23 +325,53 @@ def test_signal_cleans_up_like_ctrl_c(signum, tmp_path, tiny_checkpoint):
     nothing_left(tmp_path)
 
 
-def test_what_a_kill_leaves_is_removed_by_the_next_run(tmp_path, tiny_checkpoint, monkeypatch):
+def test_a_killed_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
+    """SIGKILL cannot be caught: the export's janitor process removes the partial directory and the lock."""
     from export import api
 
     out = tmp_path / "e"
     process = _start(out, tiny_checkpoint)
-    partial = _wait_for_partial(process, out)
+    _wait_for_partial(process, out)
     process.kill()
     process.communicate(timeout=60)
-    (partial / "manifest.json").write_text('{"format_version": 3}')  # as if killed just before the rename
     assert not out.exists()
+    nothing_left_soon(tmp_path)
     # The next run: the real lock, checks and rename; the graphs are not the point (and take seconds).
     monkeypatch.setattr(api, "_write", lambda directory, *args: (directory / "manifest.json").write_text(
         '{"format_version": 3, "next": true}'))
-    assert export(out, tiny_checkpoint) == out  # no --force: the leftover is not taken for an export
+    assert export(out, tiny_checkpoint) == out  # no --force needed: nothing of the killed run is taken for an export
     assert (out / "manifest.json").read_text() == '{"format_version": 3, "next": true}'
-    assert files.is_export(out) and not partial.exists()
     nothing_left(tmp_path)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from contract import files
+from contract.errors import ExportError
+out = Path(sys.argv[1])
+with files.replacing(out, False, ExportError) as tmp:
+    (tmp / "graph.onnx").write_bytes(b"half a graph")
+    with files.atomic_file(out.parent / "e.engine", ExportError) as f:
+        f.write(b"half an engine")
+        print(" ".join(sorted(os.listdir(out.parent))), flush=True)
+        os.kill(os.getpid(), signal.{signal})
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGKILL", "SIGSEGV"])
+def test_a_writer_that_dies_without_unwinding_leaves_nothing(signum, tmp_path):
+    """Killed, or crashed inside a native library, with a lock, a partial directory and a partial file: the
+    janitor removes all three (and a lock another writer has taken since would be left alone: see the docs)."""
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER.replace("{signal}", signum), str(tmp_path / "e")],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == -getattr(signal, signum), done.stderr
+    seen = done.stdout.split()
+    assert ".e.lock" in seen and any(n.startswith(".e.partial-") for n in seen) and any(
+        n.startswith(".e.engine.partial-") for n in seen), seen
+    nothing_left_soon(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_two_exports_to_one_out_never_both_win(tmp_path, tiny_checkpoint):
@@ -350,11 +391,13 @@ def test_two_exports_to_one_out_never_both_win(tmp_path, tiny_checkpoint):
     stdout, stderr = loser.communicate()
     still_running = winner.poll() is None
     winner.send_signal(signal.SIGTERM)
-    winner.communicate(timeout=120)
+    _, winner_stderr = winner.communicate(timeout=120)
     assert still_running, "the winner ended before the loser was refused"
     line = assert_refused(subprocess.CompletedProcess(loser.args, loser.returncode, stdout, stderr), repr(str(out)))
     assert "another prunevlm process is writing" in line, line
-    nothing_left(tmp_path)
+    # Soon, not at once: SIGTERM once met a crash inside onnx's native code (exit -11), after which the
+    # janitor, not the winner, cleaned up; the winner's exit is in the message.
+    nothing_left_soon(tmp_path, f"(the winner exited {winner.returncode}: {winner_stderr[-500:]!r})")
 
 
 def test_a_held_lock_refuses_a_second_writer(tmp_path):
