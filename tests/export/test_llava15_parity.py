@@ -205,29 +205,53 @@ def test_int8_llm_weights_with_the_onnxruntime_target(photos, export_dir):
 
 
 def test_int4_llm_weights(photos, export_dir, pipeline):
-    """--llm-weights int4: every linear layer of the LLM graph (lm_head included) reads int4 weights through a
-    blocked DequantizeLinear; the vision and projector graphs are the float ones; it answers. (Quality is
-    measured on real weights: tests/export/test_llm_real_weights.py.)"""
+    """--llm-weights int4: every linear layer of the LLM graph but the lm_head reads HQQ int4 codes through a
+    blocked DequantizeLinear plus its float zero-point branch ((x @ E) @ O, added), and the weights these
+    rebuild are close to the float ones (the branch is what makes them close); the lm_head reads int8 per
+    output channel; the vision and projector graphs are the float ones; it answers. (Quality is measured on
+    real weights: tests/export/test_llm_real_weights.py.)"""
     import onnx
+    from onnx import numpy_helper
 
     from runtime import Pipeline
 
     directory = export_dir("llava15", 32, llm_weights="int4")
     pipe = Pipeline.load(directory)
     assert pipe.manifest.llm.weights == "int4"
-    model = onnx.load(str(directory / "llm.onnx"), load_external_data=False)
-    initializers = {i.name: i for i in model.graph.initializer}
+    model = onnx.load(str(directory / "llm.onnx"))
+    float_model = onnx.load(str(export_dir("llava15", 32) / "llm.onnx"))
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    float_weights = {i.name: numpy_helper.to_array(i) for i in float_model.graph.initializer}
+    float_linear = {n.output[0]: float_weights[n.input[1]] for n in float_model.graph.node
+                    if n.op_type == "MatMul" and n.input[1] in float_weights}
     produced = {out: node for node in model.graph.node for out in node.output}
     linear = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in produced
               and produced[n.input[1]].op_type == "DequantizeLinear"]
     config = pipe.manifest.llm
     assert len(linear) == 7 * config.num_layers + 1  # q, k, v, o, gate, up, down per layer; lm_head
-    for node in linear:
+    int4 = [n for n in linear if types[produced[n.input[1]].input[0]] == onnx.TensorProto.INT4]
+    assert len(int4) == 7 * config.num_layers
+    for node in int4:
         dequantize = produced[node.input[1]]
-        assert initializers[dequantize.input[0]].data_type == onnx.TensorProto.INT4
         assert {a.name: a.i for a in dequantize.attribute}["block_size"] == 32
-    float_dir = export_dir("llava15", 32)
-    assert (directory / "llm.onnx.data").stat().st_size < (float_dir / "llm.onnx.data").stat().st_size / 4
+        codes, scale = (initializers[name].astype(np.float32) for name in dequantize.input[:2])
+        add = next(n for n in model.graph.node if n.op_type == "Add" and node.output[0] in n.input)
+        offset = produced[next(name for name in add.input if name != node.output[0])]
+        block_sum = produced[offset.input[0]]
+        assert block_sum.input[0] == node.input[0]  # the same activations, summed per block of 32
+        rebuilt = codes * np.repeat(scale, 32, axis=0)[:len(codes)] + initializers[block_sum.input[1]] @ \
+            initializers[offset.input[1]]
+        original = float_linear[add.output[0]]
+        error, without_offset = np.abs(rebuilt - original).mean(), np.abs(rebuilt - original - (
+            initializers[block_sum.input[1]] @ initializers[offset.input[1]])).mean()
+        assert error < 0.15 * np.abs(original).mean() and error < without_offset / 2, (error, without_offset)
+    (lm_head,) = [n for n in linear if n not in int4]
+    dequantize = produced[lm_head.input[1]]
+    assert types[dequantize.input[0]] == onnx.TensorProto.INT8
+    assert initializers[dequantize.input[0]].shape == (config.hidden_size, config.vocab_size)
+    float_dir = export_dir("llava15", 32)  # int4 codes, float scales and offsets (1/8 each), an int8 lm_head
+    assert (directory / "llm.onnx.data").stat().st_size < (float_dir / "llm.onnx.data").stat().st_size / 3
     for name in ("vision.onnx.data", "projector.onnx.data"):
         assert (directory / name).read_bytes() == (float_dir / name).read_bytes()
     result = pipe.generate(photos["astronaut"], PROMPTS[0], max_new_tokens=8)

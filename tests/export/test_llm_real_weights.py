@@ -97,10 +97,9 @@ def test_greedy_text_equals_transformers_generate(prompt, target, smollm2):
     assert len(answer.split()) >= 3  # a real model answers in words
 
 
-# weights -> (least agreement, largest mean KL, largest size against fp32). Measured (scripts/bench_llm.py, all
-# 175 tokens): int4 57 % / KL 0.40 (round-to-nearest int4 costs a 135M model that much, README), int8 96 % /
-# KL 0.0014. The int4 bounds catch a broken quantization (wrong scales or blocks agree on almost nothing).
-QUALITY_FLOORS = {"int4": (0.4, 1.0, 1 / 4), "int8": (0.9, 0.01, 0.3)}
+# weights -> (least agreement, largest mean KL, largest size against fp32), on QUALITY_POSITIONS tokens; the
+# issue-12 bar is 90 % agreement. Measured (this test, 63 positions): int4 (HQQ, lm_head int8) and int8 above it.
+QUALITY_FLOORS = {"int4": (0.9, 0.02, 1 / 4), "int8": (0.9, 0.01, 0.3)}
 
 
 @pytest.mark.parametrize("bits", sorted(QUALITY_FLOORS))
