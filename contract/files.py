@@ -272,12 +272,14 @@ class _Janitor:
             if self._pipe is None:
                 return
             try:  # one unbuffered write of a short line: whole or not at all
-                self._pipe.write(json.dumps([op, kind, str(path)]).encode() + b"\n")
+                self._pipe.write(json.dumps([op, kind, os.path.abspath(path)]).encode() + b"\n")
             except OSError:  # the janitor was killed: the next writer cleans up instead
                 self._pipe = None
 
     def _start(self) -> None:
         self._pid, self._pipe = os.getpid(), None
+        if not sys.executable:  # an embedded interpreter: no janitor, the next writer cleans up
+            return
         root = str(Path(__file__).resolve().parent.parent)
         code = f"import sys; sys.path.insert(0, {root!r}); from contract.files import _janitor_main; _janitor_main()"
         try:

@@ -95,19 +95,25 @@ def test_every_limits_the_query_rate(pipe, frames):
 
 
 def test_deadline_stops_decoding_within_one_step(pipe, frames):
+    """Once the budget is spent no decode step starts: an answer overruns by at most one step. A frame whose
+    prefill alone spent the budget (a busy machine) has just its first token; most frames decode a while."""
     first = next(iter(pipe.watch(frames[:1], PROMPT, max_new_tokens=1, latest=False))).timings.total
-    deadline_ms = 1000 * first + 25
+    deadline_ms = 1000 * first + 150  # room for some decode steps (a few ms each), far from 400 of them
     loop = pipe.watch(frames[:4], "Describe the picture.", max_new_tokens=400, deadline_ms=deadline_ms, latest=False)
+    decoded = 0
     for answer in loop:
         t = answer.timings
         overrun = t.total - deadline_ms / 1000
-        step = max(t.decode_steps)
+        step = max(t.decode_steps, default=0.0)
         print(f"frame {answer.frame_index}: {len(answer.token_ids)} tokens, total {t.total * 1e3:.1f} ms, "
               f"budget {deadline_ms:.1f} ms, overrun {overrun * 1e3:.2f} ms, longest step {step * 1e3:.2f} ms")
-        assert answer.finish_reason == "deadline" and len(answer.token_ids) > 1
-        assert overrun <= step + 0.002, "the answer ran past its budget by more than one decode step"
+        assert answer.finish_reason == "deadline" and len(answer.token_ids) == len(t.decode_steps) + 1
+        if t.decode_steps:
+            decoded += 1
+            assert overrun <= step + 0.002, "the answer ran past its budget by more than one decode step"
         full = pipe.generate(frames[answer.frame_index], "Describe the picture.", max_new_tokens=len(answer.token_ids))
         assert answer.token_ids == full.token_ids  # whole greedy tokens, cut short
+    assert decoded >= 2, "the budget left no time to decode on most frames"
 
 
 # --- choices, prefix cache ---------------------------------------------------------------------------
