@@ -62,10 +62,11 @@ def parser() -> ArgumentParser:
                    "attention is ONNX Runtime's GroupQueryAttention over a preallocated KV buffer written in place "
                    "(faster CPU decode; ONNX Runtime only, TensorRT refuses it)")
     p.add_argument("--llm-weights", default="float",
-                   help="float (default), or int4: the LLM graphs' linear weights (lm_head included) as blocked int4 "
-                   "(block 32, symmetric; DequantizeLinear -> MatMul, opset 21, which ONNX Runtime runs as "
-                   "MatMulNBits); or int8 (with --target onnxruntime: ONNX Runtime's MatMulNBits with 8-bit weights, "
-                   "block 32; slower than int4, much closer to float); the vision and projector graphs stay float")
+                   help="float (default); int4: the LLM graphs' linear weights quantized by HQQ to 4 bits (blocks of "
+                   "32, float zero points kept exactly by a small float branch; int4 DequantizeLinear -> MatMul, "
+                   "opset 21, which ONNX Runtime runs as MatMulNBits), the lm_head to int8; or int8 (with --target "
+                   "onnxruntime: ONNX Runtime's MatMulNBits with 8-bit weights, block 32; closer to float, and as fast "
+                   "on a small LLM). The vision and projector graphs stay float. README: Benchmark")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
