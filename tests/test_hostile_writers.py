@@ -362,7 +362,7 @@ with files.replacing(out, False, ExportError) as tmp:
 @pytest.mark.parametrize("signum", ["SIGKILL", "SIGSEGV"])
 def test_a_writer_that_dies_without_unwinding_leaves_nothing(signum, tmp_path):
     """Killed, or crashed inside a native library, with a lock, a partial directory and a partial file: the
-    janitor removes all three (and a lock another writer has taken since would be left alone: see the docs)."""
+    janitor removes all three."""
     done = subprocess.run([sys.executable, "-c", KILLED_WRITER.replace("{signal}", signum), str(tmp_path / "e")],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=60)
