@@ -176,8 +176,9 @@ def _int4(model):
 def _lm_head(graph) -> str | None:
     """The name of the MatMul that computes the logits output (through ops that only reshape or slice)."""
     from contract import names
+    from contract.onnx_walk import producers_of
 
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = producers_of(graph)
     node = producers.get(names.LOGITS)
     while node is not None and node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Slice", "Gather", "Identity"):
         node = producers.get(node.input[0])
