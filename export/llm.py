@@ -300,9 +300,10 @@ class _TracedAttention:
 
 def _rms_norm_by_division(self, hidden: torch.Tensor) -> torch.Tensor:
     """HF's Llama-style RMSNorm, weight * x / sqrt(mean(x^2) + eps) in fp32, written with a division: the
-    pattern ONNX Runtime fuses into one SimplifiedLayerNormalization (and with the residual add before it into
-    SkipSimplifiedLayerNormalization). HF's x * rsqrt(...) exports as Sqrt + Reciprocal + Mul, which it does
-    not fuse: six operators per norm, two norms per layer, at every decode step."""
+    pattern ONNX Runtime fuses into one SimplifiedLayerNormalization. HF's x * rsqrt(...) exports as Sqrt +
+    Reciprocal + Mul, which it does not fuse: six operators per norm, two norms per layer, at every decode step.
+    (ONNX Runtime 1.31 does not go on to fold the residual Add before it into SkipSimplifiedLayerNormalization:
+    its profile of SmolLM2 shows 61 SimplifiedLayerNormalization and 61 Add per step.)"""
     dtype = hidden.dtype
     hidden = hidden.float()
     hidden = hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)

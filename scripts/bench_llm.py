@@ -21,12 +21,15 @@ Peers (run only when importable; this script installs nothing, a line says what 
                                       come from, and its f16 requantization
 Reported: prefill of a 600-token and a 60-token prompt, decode tokens/s after the 600-token prompt, greedy
 tokens against the first variant, and for int4 / int8 variants the quality on real text: teacher-forced next-token
-agreement with fp32 and the mean KL(fp32 || int4) over every position of a held text.
+agreement with fp32 and the mean KL(fp32 || int4) over every position of a held text. With --profile, one more
+generation per ONNX Runtime variant (prunevlm's and onnxruntime-genai's) runs under ONNX Runtime's profiler and
+its decode steps are broken down: wall time per step, operators per step, kernel time per operator type.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -122,8 +125,9 @@ class Prunevlm:
 
         data = json.loads((directory / "spec.json").read_text())
         llm = LLMSpec(**data["dims"], max_seq_len=8192, embeddings="embed_tokens.npy", eos_token_ids=(2,), pad_token_id=2)
-        runner = OrtRunner(directory, graph_spec(data["spec"]), threads=threads).activate()
-        self.generator = Generator([Block(runner, range(llm.num_layers))], llm, np.load(directory / "embed_tokens.npy"))
+        self.runner = OrtRunner(directory, graph_spec(data["spec"]), threads=threads).activate()
+        self.generator = Generator([Block(self.runner, range(llm.num_layers))], llm,
+                                   np.load(directory / "embed_tokens.npy"))
 
     def run(self, ids: np.ndarray, new_tokens: int) -> dict:
         from runtime.generation import SamplingOptions
@@ -256,6 +260,65 @@ def quality(reference: Prunevlm, variant: Prunevlm, ids: np.ndarray) -> dict:
     return {"agreement": agreement, "mean_kl": kl, "positions": len(ref)}
 
 
+# --profile ------------------------------------------------------------------------------------------------------
+class _ProfiledSessions:
+    """Inside, every ONNX Runtime session the runtime creates writes a profile into `directory` (its
+    SessionOptions, with `enable_profiling` set), and so does onnxruntime-genai's (its config, restored after)."""
+
+    def __init__(self, directory: Path, genai_dir: Path | None):
+        self.directory, self.genai_dir = directory, genai_dir
+
+    def __enter__(self) -> None:
+        import onnxruntime as ort
+
+        prefix = os.fspath(self.directory / "ort")
+        self.options = ort.SessionOptions
+
+        class Profiled(ort.SessionOptions):
+            def __init__(self):
+                super().__init__()
+                self.enable_profiling = True
+                self.profile_file_prefix = prefix
+
+        ort.SessionOptions = Profiled
+        if self.genai_dir is not None:
+            self.config = (self.genai_dir / "genai_config.json").read_text()
+            data = json.loads(self.config)
+            data["model"]["decoder"]["session_options"]["enable_profiling"] = prefix
+            (self.genai_dir / "genai_config.json").write_text(json.dumps(data, indent=2))
+
+    def __exit__(self, *exc) -> None:
+        import onnxruntime as ort
+
+        ort.SessionOptions = self.options
+        if self.genai_dir is not None:
+            (self.genai_dir / "genai_config.json").write_text(self.config)
+
+
+def decode_profile(path: Path) -> dict:
+    """An ONNX Runtime profile of one generation (its first run the prompt) -> per decode step: wall time of the
+    run, operators run, kernel time per operator type."""
+    events = json.loads(path.read_text())
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[1:]
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in runs]
+    kernels: dict[str, float] = {}
+    operators = 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and any(a <= e["ts"] <= b for a, b in spans):
+            op = e["args"].get("op_name", "?")
+            kernels[op] = kernels.get(op, 0.0) + e["dur"] / len(runs)
+            operators += 1
+    return {"steps": len(runs), "step_ms": statistics.median(e["dur"] for e in runs) / 1e3,
+            "operators": operators / max(len(runs), 1), "kernel_ms": {k: v / 1e3 for k, v in kernels.items()}}
+
+
+def profile_lines(name: str, profile: dict) -> list[str]:
+    top = sorted(profile["kernel_ms"].items(), key=lambda kv: -kv[1])[:6]
+    return [f"{name}: decode step {profile['step_ms']:.2f} ms (median of {profile['steps']}), "
+            f"{profile['operators']:.0f} operators, kernels {sum(profile['kernel_ms'].values()):.2f} ms: "
+            + ", ".join(f"{op} {ms:.2f}" for op, ms in top)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=[*PRUNEVLM, *PEERS], choices=[*PRUNEVLM, *PEERS],
@@ -268,6 +331,9 @@ def main() -> None:
                    help="first move the decoder layers' weights off the Q4_1 grid SmolLM2 was shipped on (see "
                    "move_off_grid): low-bit quality as on a float checkpoint; exports go to WORK/off-grid, "
                    "llama.cpp (which reads the Q4_1 file itself) is skipped")
+    p.add_argument("--profile", action="store_true",
+                   help="also run one generation per ONNX Runtime variant under ONNX Runtime's profiler and break "
+                   "its decode steps down by operator type (profiles go to WORK/profiles/NAME-*)")
     args = p.parse_args()
 
     from transformers import AutoTokenizer
@@ -332,6 +398,25 @@ def main() -> None:
             result[name]["quality"] = q = quality(runners[reference], runners[name], held)
             lines.append(f"{name} vs {reference} (fp32), teacher-forced on {q['positions']} tokens of real text: "
                          f"next-token agreement {q['agreement']:.1%}, mean KL {q['mean_kl']:.4f}")
+    if args.profile:
+        lines.append("")
+        for name in runners:
+            if name.startswith("llama.cpp"):
+                continue
+            (args.work / "profiles").mkdir(exist_ok=True)
+            directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work / "profiles"))  # a new one per run
+            genai = OrtGenai.build(args.work, name, None, None) if name.startswith("ort-genai") else None
+            with _ProfiledSessions(directory, genai):
+                profiled = OrtGenai(genai, args.threads) if genai else Prunevlm(export_prunevlm(args.work, name, None),
+                                                                                 args.threads)
+                profiled.run(long, args.new_tokens)
+                if genai:
+                    del profiled  # onnxruntime-genai's session writes its profile when the model goes
+                    gc.collect()
+                else:
+                    profiled.runner.session.end_profiling()
+            result[name]["profile"] = profile = decode_profile(next(directory.glob("*.json")))
+            lines += profile_lines(name, profile)
     lines += skipped
     table = "\n".join(lines)
     print(table)
