@@ -194,8 +194,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per one-token case (default 200)")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.repeats < 1:
-        parser.error("--threads and --repeats must be positive")
+    if not 1 <= args.threads <= 256:
+        parser.error(f"--threads {args.threads} is out of range: use 1..256")
+    if not 1 <= args.repeats <= 100_000:
+        parser.error(f"--repeats {args.repeats} is out of range: use 1..100000")
     import onnxruntime
 
     print(f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, {args.threads} threads")

@@ -42,10 +42,12 @@ def test_kernel_probe_reports_every_case_and_checks_against_numpy():
     assert sum(line.startswith("MatMul fp32") for line in lines) == 2
 
 
-def test_kernel_probe_refuses_bad_arguments(capsys):
+@pytest.mark.parametrize("argv, named", [(["--repeats", "0"], "--repeats 0"), (["--threads", "100000"], "--threads 100000"),
+                                         (["--threads", "two"], "--threads")])
+def test_kernel_probe_refuses_bad_arguments(argv, named, capsys):
     with pytest.raises(SystemExit) as raised:
-        _script("ort_kernel_probe").main(["--repeats", "0"])
-    assert raised.value.code == 2 and "--repeats" in capsys.readouterr().err
+        _script("ort_kernel_probe").main(argv)
+    assert raised.value.code == 2 and named in capsys.readouterr().err
 
 
 def _event(name, ts, dur, op=None):
