@@ -141,42 +141,38 @@ def probe_matmul_nbits(threads: int, repeats: int) -> list[str]:
     scales = rng.uniform(0.01, 0.02, (n, blocks)).astype(np.float32)
     integer = rng.integers(0, 16, (n, blocks)).astype(np.uint8)
     padded = np.concatenate([integer, np.zeros((n, blocks % 2), np.uint8)], axis=1)
-    zero_points = {
+    floats = rng.uniform(0, 15, (n, blocks)).astype(np.float32)
+    zero_points = {  # label -> (the node's zero-point input, or None; the zero points as floats for numpy)
         "none": (None, np.full((n, blocks), 8.0, np.float32)),  # the kernel's default zero point is 8
         "uint8": ((padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1), integer.astype(np.float32)),
-        "float": (None, rng.uniform(0, 15, (n, blocks)).astype(np.float32)),
+        "float": (floats.reshape(-1), floats),
     }
-    zero_points["float"] = (zero_points["float"][1].reshape(-1), zero_points["float"][1])
-    lines = []
+
+    def timed(what: str, node, initializers, weight=None):
+        session = _session([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers, threads)
+        for tokens in (1, 600):
+            x = rng.standard_normal((tokens, k)).astype(np.float32)
+            line = (f"{what}, {tokens:3d} token{'s' if tokens > 1 else ' '}: "
+                    f"{_median_us(session, x, repeats if tokens == 1 else max(3, repeats // 20)):8.0f} us")
+            if weight is not None:
+                y, expected = session.run(None, {"x": x})[0], x @ weight
+                line += f", max error {float(np.abs(y - expected).max() / np.abs(expected).max()):.1e} of max |numpy|"
+            lines.append(line)
+
+    lines: list[str] = []
     dense = rng.standard_normal((k, n)).astype(np.float32)  # the float MatMul the 4-bit one replaces
-    session = _session([helper.make_node("MatMul", ["x", "w"], ["y"])],
-                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                       [numpy_helper.from_array(dense, "w")], threads)
-    for tokens in (1, 600):
-        x = rng.standard_normal((tokens, k)).astype(np.float32)
-        lines.append(f"MatMul fp32 {k}x{n}, {tokens:3d} token{'s' if tokens > 1 else ' '}: "
-                     f"{_median_us(session, x, repeats if tokens == 1 else max(3, repeats // 20)):8.0f} us")
+    timed(f"MatMul fp32 {k}x{n}", helper.make_node("MatMul", ["x", "w"], ["y"]), [numpy_helper.from_array(dense, "w")])
     for label, (stored, as_float) in zero_points.items():
         weight = (scales.repeat(block, 1) * (codes - as_float.repeat(block, 1))).T  # [K, N]
+        initializers = [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scales.reshape(-1), "s")]
+        if stored is not None:
+            initializers.append(numpy_helper.from_array(stored, "z"))
         for level in (0, 4):
-            names = ["x", "w", "s"] + (["z"] if stored is not None else [])
-            initializers = [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scales.reshape(-1), "s")]
-            if stored is not None:
-                initializers.append(numpy_helper.from_array(stored, "z"))
-            node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=k, N=n, bits=4,
-                                    block_size=block, accuracy_level=level)
-            session = _session([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers, threads)
-            for tokens in (1, 600):
-                x = rng.standard_normal((tokens, k)).astype(np.float32)
-                y = session.run(None, {"x": x})[0]
-                expected = x @ weight
-                error = float(np.abs(y - expected).max() / np.abs(expected).max())
-                lines.append(f"MatMulNBits 4-bit {k}x{n}, zero points {label:5s}, accuracy level {level}, "
-                             f"{tokens:3d} token{'s' if tokens > 1 else ' '}: "
-                             f"{_median_us(session, x, repeats if tokens == 1 else max(3, repeats // 20)):8.0f} us, "
-                             f"max error {error:.1e} of max |numpy|")
+            node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"][:len(initializers) + 1], ["y"],
+                                    domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=level)
+            timed(f"MatMulNBits 4-bit {k}x{n}, zero points {label:5s}, accuracy level {level}", node, initializers,
+                  weight)
     return lines
 
 
